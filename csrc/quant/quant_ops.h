@@ -1,0 +1,17 @@
+// ATen entry points of the quantized matmul ops (implemented in csrc/quant/*.cpp).
+#pragma once
+#include <ATen/ATen.h>
+#include <string>
+
+namespace tp_numa {
+
+// y[M, N] = x[M, K] @ W^T, W given as raw GGUF rows: uint8 [N, row_bytes], qtype = GGML
+// type id. x float32 or bfloat16, contiguous; y has x's dtype.
+at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qtype);
+
+// SIMD path in use ("avx512vnni", "avx512", "avx2", "scalar") and a way to force one
+// (tests force "scalar" to check the reference; "auto" restores detection).
+std::string kernel_isa();
+void set_kernel_isa(const std::string& isa);
+
+}  // namespace tp_numa

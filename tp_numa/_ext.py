@@ -1,0 +1,29 @@
+"""Loads the native extension ``tp_numa._C``, which registers ``torch.ops.tp_numa.*``."""
+from __future__ import annotations
+
+from .errors import TpNumaError
+
+_loaded = False
+
+
+def load_extension() -> None:
+    """Import the compiled ops once; a clear error if the extension was not built."""
+    global _loaded
+    if _loaded:
+        return
+    try:
+        from . import _C  # noqa: F401  (registers the ops as a side effect)
+    except ImportError as e:
+        raise TpNumaError(
+            f"tp_numa native extension is not built ({e}); run `bash scripts/setup.sh` "
+            "(or `pip install --no-build-isolation -e .`) in the repository"
+        ) from None
+    _loaded = True
+
+
+def kernel_isa() -> str:
+    """The SIMD path the quantized kernels use now: 'avx512vnni', 'avx512', 'avx2' or 'scalar'."""
+    load_extension()
+    import torch
+
+    return torch.ops.tp_numa.kernel_isa()

@@ -1,0 +1,1 @@
+"""`tp-numa` subcommands: one module per command with add_arguments(parser) and run(args)."""
