@@ -1,0 +1,83 @@
+"""Load llama.cpp golden data (tests/data) and compare model outputs against it.
+
+Formats are described in tests/data/README.md; the data is made by
+scripts/make_golden.py. Tests import this module as ``from golden import ...`` (the tests
+directory is on sys.path under pytest's default rootdir-relative import mode) or as
+``tests.golden``.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+SHORT_NAMES = ("qwen2.5-coder-0.5b", "gemma3-270m")
+
+
+def load_golden(short_name: str) -> dict:
+    """Golden data of one model: the JSON document plus ``logprobs`` from the .npz.
+
+    ``logprobs`` = {"ids": int32 [T] (teacher-forced token ids, BOS included when the
+    model adds one), "topk_ids": int32 [T, K], "topk_logprobs": float32 [T, K],
+    "text": str}; row t is llama.cpp's prediction for the token after ids[t], with K ids
+    sorted by decreasing log-probability, normalised over the full vocabulary.
+    """
+    path = os.path.join(DATA_DIR, f"golden_{short_name}.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no golden data for '{short_name}' (known: {', '.join(SHORT_NAMES)}); "
+                                f"make it with scripts/make_golden.py")
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    npz = os.path.join(DATA_DIR, f"golden_{short_name}_logprobs.npz")
+    if os.path.exists(npz):
+        with np.load(npz) as z:
+            data["logprobs"] = {"ids": z["ids"], "topk_ids": z["topk_ids"],
+                                "topk_logprobs": z["topk_logprobs"], "text": str(z["text"])}
+    return data
+
+
+def _as_numpy(x) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x)
+
+
+def kl_and_top1(ref_topk_ids, ref_topk_logprobs, our_logits) -> tuple[float, float]:
+    """Mean KL(llama.cpp || ours) in nats and top-1 agreement over T positions.
+
+    ref_topk_ids, ref_topk_logprobs: [T, K] from the golden data (P = llama.cpp);
+    our_logits: [T, V] raw logits of our model for the same positions (Q = softmax).
+
+    Only P's top-K probabilities are stored, so KL is computed over the partition of the
+    vocabulary into the K stored tokens plus one bucket R holding everything else:
+
+        KL_t = sum_{i in topK} p_i (log p_i - log q_i) + p_R (log p_R - log q_R),
+        p_R = 1 - sum_{i in topK} p_i,   q_R = 1 - sum_{i in topK} q_i.
+
+    By the log-sum inequality this coarse KL is <= the full KL, with equality when P and
+    Q have the same shape inside R; with K = 64 p_R is typically < 1e-3, so the bound is
+    tight. Top-1 agreement = fraction of positions where argmax(our_logits) equals
+    llama.cpp's most probable token.
+    """
+    ids = _as_numpy(ref_topk_ids).astype(np.int64)
+    p_log = _as_numpy(ref_topk_logprobs).astype(np.float64)
+    logits = _as_numpy(our_logits).astype(np.float64)
+    if ids.shape != p_log.shape or ids.ndim != 2:
+        raise ValueError(f"ref_topk_ids {ids.shape} and ref_topk_logprobs {p_log.shape} must be equal [T, K]")
+    if logits.ndim != 2 or logits.shape[0] != ids.shape[0]:
+        raise ValueError(f"our_logits {logits.shape} must be [T={ids.shape[0]}, vocab]")
+    m = logits.max(axis=1, keepdims=True)
+    q_log_all = logits - m - np.log(np.exp(logits - m).sum(axis=1, keepdims=True))
+    q_log = np.take_along_axis(q_log_all, ids, axis=1)
+    p = np.exp(p_log)
+    q = np.exp(q_log)
+    kl = (p * (p_log - q_log)).sum(axis=1)
+    p_rest = np.clip(1.0 - p.sum(axis=1), 0.0, 1.0)
+    q_rest = np.clip(1.0 - q.sum(axis=1), 1e-300, 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rest = np.where(p_rest > 0, p_rest * (np.log(np.maximum(p_rest, 1e-300)) - np.log(q_rest)), 0.0)
+    kl = kl + rest
+    top1 = float(np.mean(np.argmax(logits, axis=1) == ids[:, 0]))
+    return float(np.mean(kl)), top1
