@@ -1,0 +1,198 @@
+"""Causal self-attention over a per-rank KV cache (GQA, optional sliding window).
+
+The layer receives q/k/v that are already projected, normed and RoPE'd for this rank's
+heads, stores k/v in its cache, and returns softmax(q k^T * scale + mask) v.
+
+Cache layout: ``k_cache``/``v_cache`` are ``[slots, n_kv_heads, head_dim]``. A full
+attention layer has ``slots = max_seq_len`` and keeps position p in slot p. A sliding
+window layer keeps only its window: ``slots = min(window, max_seq_len)`` and position p
+lives in slot ``p % slots`` (a ring buffer). A query at position t sees key p iff
+``p <= t`` and (no window or ``t - p < window``), so a window layer never needs a key
+older than ``window - 1`` positions and the ring always holds every key it can see.
+
+Numerics: keys/values are rounded to the cache dtype on the way in (fp16 by default,
+as in llama.cpp) and every attention read uses the rounded values, so a prompt run in
+one prefill and the same prompt run token by token see identical keys. Scores, softmax
+and the weighted sum are computed in float32.
+
+Two implementations with one contract: the native ops ``tp_numa.attention_ops`` (decode:
+flash-decoding over the cache; prefill: blocked online softmax) and a plain torch path
+(``use_native=False``) that is the readable definition and the fallback for devices and
+dtypes the native ops do not cover.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import TpNumaError
+
+KV_CACHE_DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32}
+
+
+def kv_cache_dtype(name: str | torch.dtype) -> torch.dtype:
+    """Maps the user's ``--cache-type`` (f16 | bf16 | f32, or a torch dtype) to a torch dtype."""
+    if isinstance(name, torch.dtype):
+        if name not in KV_CACHE_DTYPES.values():
+            raise TpNumaError(f"KV cache dtype {name} is not supported (use f16, bf16 or f32)")
+        return name
+    key = str(name).lower().replace("float", "f").replace("fp", "f")
+    key = {"f": "f32", "half": "f16", "bfloat16": "bf16", "b16": "bf16"}.get(key, key)
+    if key not in KV_CACHE_DTYPES:
+        raise TpNumaError(f"KV cache type {name!r} is not supported (use f16, bf16 or f32)")
+    return KV_CACHE_DTYPES[key]
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos0: int,
+                        k_pos0: int, scale: float, window: int | None) -> torch.Tensor:
+    """Plain torch attention with explicit positions (the readable definition).
+
+    q [T, H, D], k/v [L, n_kv, D] (any float dtype); query i is at position q_pos0 + i,
+    key j at k_pos0 + j. Returns float32 [T, H*D].
+    """
+    T, H, D = q.shape
+    L, n_kv, _ = k.shape
+    group = H // n_kv
+    qf = q.float().transpose(0, 1)                                    # (H, T, D)
+    kf = k.float().repeat_interleave(group, dim=1).transpose(0, 1)    # (H, L, D)
+    vf = v.float().repeat_interleave(group, dim=1).transpose(0, 1)    # (H, L, D)
+    scores = torch.matmul(qf, kf.transpose(1, 2)) * scale            # (H, T, L)
+    qpos = torch.arange(q_pos0, q_pos0 + T).unsqueeze(1)              # (T, 1)
+    kpos = torch.arange(k_pos0, k_pos0 + L).unsqueeze(0)              # (1, L)
+    visible = kpos <= qpos
+    if window is not None:
+        visible &= (qpos - kpos) < window
+    scores = scores.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)                             # (H, T, L)
+    out = torch.matmul(probs, vf)                                     # (H, T, D)
+    return out.transpose(0, 1).reshape(T, H * D)
+
+
+class Attention(nn.Module):
+    """Attention for one layer on this rank: ``n_heads`` query heads, ``n_kv_heads`` KV heads.
+
+    Query head h reads KV head ``h // (n_heads // n_kv_heads)`` (GQA). ``sliding_window``
+    None means full causal attention.
+    """
+
+    def __init__(self, n_heads: int, n_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None, layer_idx: int, use_native: bool | None = None):
+        super().__init__()
+        if n_kv_heads <= 0 or n_heads % n_kv_heads != 0:
+            raise TpNumaError(
+                f"layer {layer_idx}: {n_heads} query heads are not a multiple of {n_kv_heads} KV heads")
+        if sliding_window is not None and sliding_window <= 0:
+            raise TpNumaError(f"layer {layer_idx}: sliding window must be positive, got {sliding_window}")
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads
+        self.head_dim = head_dim
+        self.scale = float(scale)
+        self.sliding_window = sliding_window
+        self.layer_idx = layer_idx
+        self.use_native = use_native
+        self._native_ok: bool | None = None
+        self.max_seq_len = 0
+        self.slots = 0
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def extra_repr(self) -> str:
+        return (f"layer={self.layer_idx}, heads={self.n_heads}, kv_heads={self.n_kv_heads}, "
+                f"head_dim={self.head_dim}, window={self.sliding_window}, slots={self.slots}")
+
+    def setup_cache(self, max_seq_len: int, dtype: torch.dtype | str = torch.float16,
+                    device: torch.device | str = "cpu") -> None:
+        """Preallocates K/V ``[slots, n_kv_heads, head_dim]`` (slots = window for window layers)."""
+        if max_seq_len <= 0:
+            raise TpNumaError(f"context size must be positive, got {max_seq_len}")
+        dtype = kv_cache_dtype(dtype)
+        self.max_seq_len = int(max_seq_len)
+        self.slots = self.max_seq_len if self.sliding_window is None else min(self.sliding_window, self.max_seq_len)
+        shape = (self.slots, self.n_kv_heads, self.head_dim)
+        # zeros, not empty: first touch of the pages happens here, on this rank's node
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+
+    def _native(self, q: torch.Tensor) -> bool:
+        """Whether the native ops serve this call (decided once per device)."""
+        if self.use_native is False or q.device.type != "cpu" or self.k_cache.device.type != "cpu":
+            return False
+        if self._native_ok is None:
+            from .. import attention_ops
+
+            self._native_ok = bool(self.use_native) or attention_ops.available()
+        return self._native_ok
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """q [T, n_heads, D], k/v [T, n_kv, D] at positions start_pos..start_pos+T-1 -> [T, n_heads*D]."""
+        if self.k_cache is None:
+            raise TpNumaError(f"layer {self.layer_idx}: setup_cache() was not called before forward()")
+        T = q.shape[0]
+        if start_pos < 0 or start_pos + T > self.max_seq_len:
+            raise TpNumaError(
+                f"positions {start_pos}..{start_pos + T - 1} exceed the context size {self.max_seq_len} "
+                "(raise the context size, e.g. -c / --ctx-size)")
+        if q.shape[1:] != (self.n_heads, self.head_dim) or k.shape != (T, self.n_kv_heads, self.head_dim) \
+                or v.shape != k.shape:
+            raise ValueError(f"layer {self.layer_idx}: bad shapes q {tuple(q.shape)} k {tuple(k.shape)} "
+                             f"v {tuple(v.shape)} for heads {self.n_heads}/{self.n_kv_heads} x {self.head_dim}")
+        if T == 1 and self._native(q):
+            return self._native_decode(q, k, v, start_pos)
+        native = self._native(q)
+        end = start_pos + T
+        if end <= self.slots:
+            # No wrap-around: slot == position, the cache prefix is the whole key sequence.
+            self.k_cache[start_pos:end] = k
+            self.v_cache[start_pos:end] = v
+            if native:
+                return self._native_prefill(q, self.k_cache, self.v_cache, end, start_pos)
+            return attention_reference(q, self.k_cache[:end], self.v_cache[:end], start_pos, 0,
+                                       self.scale, self.sliding_window).to(q.dtype)
+        if T == 1:
+            # (torch path) Decode on a full ring: the slots hold exactly the last `window`
+            # positions, all visible from this query (order does not matter to softmax).
+            self.k_cache[start_pos % self.slots] = k[0]
+            self.v_cache[start_pos % self.slots] = v[0]
+            return attention_reference(q, self.k_cache, self.v_cache, self.slots - 1, 0, self.scale,
+                                       None).to(q.dtype)
+        return self._prefill_wrapped(q, k, v, start_pos, native)
+
+    def _prefill_wrapped(self, q, k, v, start_pos: int, native: bool) -> torch.Tensor:
+        """Prefill on a window layer whose ring wraps: keys in position order = the ring's
+        still-visible past (in order) + the new keys; then the ring keeps the newest slots."""
+        T = q.shape[0]
+        n_past = min(start_pos, self.slots)
+        p0 = start_pos - n_past
+        order = torch.arange(p0, start_pos, device=q.device) % self.slots
+        dt = self.k_cache.dtype
+        keys = torch.cat([self.k_cache[order], k.to(dt)])     # (n_past + T, n_kv, D), positions p0..
+        vals = torch.cat([self.v_cache[order], v.to(dt)])
+        keep = min(T, self.slots)
+        slots = torch.arange(start_pos + T - keep, start_pos + T, device=q.device) % self.slots
+        self.k_cache[slots] = keys[-keep:]
+        self.v_cache[slots] = vals[-keep:]
+        if native:
+            return self._native_prefill(q, keys, vals, keys.shape[0], n_past)
+        return attention_reference(q, keys, vals, start_pos, p0, self.scale, self.sliding_window).to(q.dtype)
+
+    def _native_decode(self, q, k, v, start_pos: int) -> torch.Tensor:
+        """One token: cache write and attention in one native call. The slot is
+        ``start_pos % slots``; the keys visible are all filled slots (for a window layer
+        whose ring has wrapped, exactly the last ``window`` positions)."""
+        from ..attention_ops import attn_decode_update
+
+        q0 = q[0]
+        if q0.dtype != torch.float32 or not q0.is_contiguous():
+            q0 = q0.float().contiguous()
+        out = attn_decode_update(q0, k[0], v[0], self.k_cache, self.v_cache, start_pos % self.slots,
+                                 min(start_pos + 1, self.slots), self.scale).view(1, -1)
+        return out if q.dtype == torch.float32 else out.to(q.dtype)
+
+    def _native_prefill(self, q, keys, vals, n_keys: int, q_offset: int) -> torch.Tensor:
+        """Native blocked attention over keys[0:n_keys] in position order; query i sits at
+        key index q_offset + i."""
+        from ..attention_ops import attn_prefill
+
+        window = -1 if self.sliding_window is None else self.sliding_window
+        out = attn_prefill(q.float().contiguous(), keys, vals, n_keys, q_offset, self.scale, window)
+        return out if q.dtype == torch.float32 else out.to(q.dtype)
