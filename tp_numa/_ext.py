@@ -11,6 +11,8 @@ def load_extension() -> None:
     global _loaded
     if _loaded:
         return
+    import torch  # noqa: F401  (_C links against libc10/libtorch, which torch loads)
+
     try:
         from . import _C  # noqa: F401  (registers the ops as a side effect)
     except ImportError as e:

@@ -14,4 +14,8 @@ at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qtype)
 std::string kernel_isa();
 void set_kernel_isa(const std::string& isa);
 
+// Seconds to read every byte of buf (contiguous uint8) `repeats` times with all threads:
+// the STREAM-like read kernel behind scripts/bench_matmul.py's bandwidth ceiling.
+double read_bandwidth_probe(const at::Tensor& buf, int64_t repeats);
+
 }  // namespace tp_numa

@@ -1,0 +1,98 @@
+// Kernel interface shared by the scalar reference and the SIMD variants (torch-free).
+//
+// A matmul y[M, N] = x[M, K] @ W^T runs in two steps:
+//   1. prepare: each activation row x[m] is turned into the form the weight type's dot
+//      product consumes (float for F32/F16/BF16, BlockQ8A for 32-blocks, BlockQ8K for
+//      256-blocks), once per call;
+//   2. rows: y[m, r] = dot(W[r], act[m]) for a range of weight rows r; the variants may
+//      process several weight rows at once to share activation loads.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "quant/blocks.h"
+
+namespace tp_numa::quant {
+
+enum class ActKind { kFloat, kQ8A, kQ8K };
+
+struct TypeInfo {
+    const char* name;
+    int block_elems;  // elements per block
+    int block_bytes;  // bytes per block in the GGUF row
+    ActKind act;      // activation form its dot product consumes
+};
+
+// nullptr for an unknown / unsupported type id.
+inline const TypeInfo* type_info(int64_t qtype) {
+    static const TypeInfo kF32i{"F32", 1, 4, ActKind::kFloat};
+    static const TypeInfo kF16i{"F16", 1, 2, ActKind::kFloat};
+    static const TypeInfo kBF16i{"BF16", 1, 2, ActKind::kFloat};
+    static const TypeInfo kQ4_0i{"Q4_0", QK, 18, ActKind::kQ8A};
+    static const TypeInfo kQ4_1i{"Q4_1", QK, 20, ActKind::kQ8A};
+    static const TypeInfo kQ5_0i{"Q5_0", QK, 22, ActKind::kQ8A};
+    static const TypeInfo kQ5_1i{"Q5_1", QK, 24, ActKind::kQ8A};
+    static const TypeInfo kQ8_0i{"Q8_0", QK, 34, ActKind::kQ8A};
+    static const TypeInfo kIQ4_NLi{"IQ4_NL", QK, 18, ActKind::kQ8A};
+    static const TypeInfo kQ4_Ki{"Q4_K", QK_K, 144, ActKind::kQ8K};
+    static const TypeInfo kQ5_Ki{"Q5_K", QK_K, 176, ActKind::kQ8K};
+    static const TypeInfo kQ6_Ki{"Q6_K", QK_K, 210, ActKind::kQ8K};
+    static const TypeInfo kIQ4_XSi{"IQ4_XS", QK_K, 136, ActKind::kQ8K};
+    switch (qtype) {
+        case kF32: return &kF32i;
+        case kF16: return &kF16i;
+        case kBF16: return &kBF16i;
+        case kQ4_0: return &kQ4_0i;
+        case kQ4_1: return &kQ4_1i;
+        case kQ5_0: return &kQ5_0i;
+        case kQ5_1: return &kQ5_1i;
+        case kQ8_0: return &kQ8_0i;
+        case kIQ4_NL: return &kIQ4_NLi;
+        case kQ4_K: return &kQ4_Ki;
+        case kQ5_K: return &kQ5_Ki;
+        case kQ6_K: return &kQ6_Ki;
+        case kIQ4_XS: return &kIQ4_XSi;
+        default: return nullptr;
+    }
+}
+
+// Bytes of one prepared activation row of K elements.
+inline size_t act_row_bytes(ActKind kind, int64_t K) {
+    switch (kind) {
+        case ActKind::kFloat: return size_t(K) * sizeof(float);
+        case ActKind::kQ8A: return size_t(K / QK) * sizeof(BlockQ8A);
+        case ActKind::kQ8K: return size_t(K / QK_K) * sizeof(BlockQ8K);
+    }
+    return 0;
+}
+
+// y[r] = dot(w + r * w_stride, act) for r in [0, nrows); nb = blocks per row (for float
+// types nb = K). act is the prepared row (float* / BlockQ8A* / BlockQ8K*).
+using RowsFn = void (*)(int nb, const uint8_t* w, size_t w_stride, int nrows, const void* act,
+                        float* y);
+using QuantizeFn = void (*)(const float* x, int64_t K, void* out);
+
+// Prefill micro-tiles: y[m * y_stride + r] = dot(w + r * w_stride, act + m * act_stride)
+// for r < nrows, m < mrows. Unpacks each weight block once for several activation rows.
+using TileFn = void (*)(int nb, const uint8_t* w, size_t w_stride, int nrows, const uint8_t* act,
+                        size_t act_stride, int mrows, float* y, size_t y_stride);
+
+// One instruction-set variant: a rows kernel per type id (nullptr = use the scalar one)
+// and the activation quantizers.
+struct Kernels {
+    const char* isa;
+    RowsFn rows[32];
+    TileFn tile[32];  // nullptr: prefill loops the rows kernel over activation rows
+    QuantizeFn quantize_q8a;
+    QuantizeFn quantize_q8k;
+};
+
+const Kernels& scalar_kernels();
+const Kernels* avx2_kernels();     // nullptr if not compiled in
+const Kernels* avx512_kernels();      // AVX-512 F/BW/VL
+const Kernels* avx512vnni_kernels();  // AVX-512 F/BW/VL + VNNI (vpdpbusd)
+
+// The variant in use: TP_NUMA_KERNEL / set_kernel_isa override, else CPU detection.
+const Kernels& active_kernels();
+
+}  // namespace tp_numa::quant

@@ -1,0 +1,94 @@
+// AVX2 helpers shared by the SIMD kernel files. Include only after a
+// `#pragma GCC target("avx2,fma,f16c")` (or a superset) so the intrinsics compile.
+#pragma once
+#include <immintrin.h>
+
+#include "quant/blocks.h"
+
+namespace tp_numa::quant {
+extern float g_f16_table[65536];  // f16_table.cpp
+}
+
+namespace tp_numa::quant::simd {
+
+inline float hsum_ps(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+inline int hsum_i32_128(__m128i s) {
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+inline int hsum_i32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+inline float hmax_ps(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+}
+
+inline float f16(f16_t h) { return g_f16_table[h]; }
+// Half -> float in all 8 lanes: a table load + broadcast, no vector ALU work.
+inline __m256 f16x8(f16_t h) { return _mm256_broadcast_ss(&g_f16_table[h]); }
+
+inline float absmax(const float* x, int n) {
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    __m256 m = _mm256_setzero_ps();
+    for (int i = 0; i < n; i += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
+    return hmax_ps(m);
+}
+
+// 32 floats -> 32 int8 round(x * id) in element order; s16[0], s16[1] = sums of the two
+// 16-element halves.
+inline __m256i quant32(const float* x, __m256 id, int* s16) {
+    const int mode = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    const __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x), id), mode));
+    const __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + 8), id), mode));
+    const __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + 16), id), mode));
+    const __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + 24), id), mode));
+    s16[0] = hsum_i32(_mm256_add_epi32(i0, i1));
+    s16[1] = hsum_i32(_mm256_add_epi32(i2, i3));
+    // packs interleave 128-bit lanes: dwords come out as i0lo i1lo i2lo i3lo i0hi ...
+    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+    return _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+inline void quantize_q8a(const float* x, int64_t K, void* out) {
+    auto* b = static_cast<BlockQ8A*>(out);
+    for (int64_t i = 0; i < K / QK; ++i, x += QK) {
+        const float d = absmax(x, QK) / 127.f;
+        const float id = d > 0.f ? 1.f / d : 0.f;
+        int s[2];
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(b[i].qs), quant32(x, _mm256_set1_ps(id), s));
+        b[i].d = d;
+        b[i].s = d * float(s[0] + s[1]);
+    }
+}
+
+inline void quantize_q8k(const float* x, int64_t K, void* out) {
+    auto* b = static_cast<BlockQ8K*>(out);
+    for (int64_t i = 0; i < K / QK_K; ++i, x += QK_K) {
+        const float d = absmax(x, QK_K) / 127.f;
+        const __m256 id = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
+        for (int c = 0; c < QK_K / 32; ++c) {
+            int s[2];
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(b[i].qs + 32 * c), quant32(x + 32 * c, id, s));
+            b[i].bsums[2 * c] = int16_t(s[0]);
+            b[i].bsums[2 * c + 1] = int16_t(s[1]);
+        }
+        b[i].d = d;
+    }
+}
+
+}  // namespace tp_numa::quant::simd

@@ -1,0 +1,121 @@
+"""Python wrappers and fake (meta) implementations of the native quantized-matmul ops.
+
+``quant_matmul(x, w, qtype) -> y``
+    y ``[M, N]`` = x ``[M, K]`` @ W^T. x float32 or bfloat16, contiguous; w uint8
+    ``[N, row_bytes]`` contiguous raw GGUF rows of W (row_bytes = K / block_elems *
+    block_bytes, see ``block_info``); qtype the GGML type id (``gguf.GGMLQuantizationType``).
+    y has x's dtype. Quantized types quantize each activation row to 8-bit blocks and use
+    integer dot products (see docs/kernels.md for the error this adds).
+
+Threads: ``torch.set_num_threads``. Kernel variant: ``kernel_isa()`` /
+``set_kernel_isa("scalar" | "avx2" | "avx512" | "avx512vnni" | "auto")``, or the
+environment variable ``TP_NUMA_KERNEL`` read when the extension loads.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._ext import load_extension
+from .errors import UnsupportedError
+
+# GGML type id -> (name, elements per block, bytes per block); must agree with
+# csrc/quant/kernels.h (tests check both against gguf.constants.GGML_QUANT_SIZES).
+_BLOCKS: dict[int, tuple[str, int, int]] = {
+    0: ("F32", 1, 4),
+    1: ("F16", 1, 2),
+    2: ("Q4_0", 32, 18),
+    3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24),
+    8: ("Q8_0", 32, 34),
+    12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176),
+    14: ("Q6_K", 256, 210),
+    20: ("IQ4_NL", 32, 18),
+    23: ("IQ4_XS", 256, 136),
+    30: ("BF16", 1, 2),
+}
+
+SUPPORTED_QTYPES: tuple[int, ...] = tuple(_BLOCKS)
+
+
+def is_supported(qtype: int) -> bool:
+    """True when quant_matmul has kernels for this GGML type id."""
+    return int(qtype) in _BLOCKS
+
+
+def block_info(qtype: int) -> tuple[int, int]:
+    """(elements per block, bytes per block) of a supported GGML type id.
+
+    Raises UnsupportedError naming the type for ids the kernels do not handle.
+    """
+    try:
+        _, elems, nbytes = _BLOCKS[int(qtype)]
+    except KeyError:
+        raise UnsupportedError(f"GGML tensor type {_type_name(qtype)} has no tp_numa matmul kernel "
+                               f"(supported: {', '.join(n for n, _, _ in _BLOCKS.values())})") from None
+    return elems, nbytes
+
+
+def type_name(qtype: int) -> str:
+    """Name of a GGML type id ('Q4_K'), or 'type <id>' when unknown."""
+    return _type_name(qtype)
+
+
+def _type_name(qtype: int) -> str:
+    if int(qtype) in _BLOCKS:
+        return _BLOCKS[int(qtype)][0]
+    try:
+        from gguf import GGMLQuantizationType
+
+        return GGMLQuantizationType(int(qtype)).name
+    except (ImportError, ValueError):
+        return f"type {int(qtype)}"
+
+
+def row_bytes(qtype: int, k: int) -> int:
+    """Bytes of one GGUF row of k elements; UnsupportedError if k is not whole blocks."""
+    elems, nbytes = block_info(qtype)
+    if k % elems:
+        raise UnsupportedError(f"{k} elements is not a whole number of {_type_name(qtype)} "
+                               f"blocks ({elems} elements each)")
+    return k // elems * nbytes
+
+
+def quant_matmul(x: torch.Tensor, w: torch.Tensor, qtype: int) -> torch.Tensor:
+    """x [M, K] @ W^T -> [M, N] with W as raw GGUF bytes w [N, row_bytes] of type qtype."""
+    return torch.ops.tp_numa.quant_matmul(x, w, int(qtype))
+
+
+def kernel_isa() -> str:
+    """The kernel variant in use: 'avx512vnni', 'avx512', 'avx2' or 'scalar'."""
+    return torch.ops.tp_numa.kernel_isa()
+
+
+def set_kernel_isa(isa: str) -> None:
+    """Force a kernel variant ('scalar', 'avx2', 'avx512', 'avx512vnni') or 'auto'.
+
+    RuntimeError if the CPU or the build lacks it.
+    """
+    torch.ops.tp_numa.set_kernel_isa(str(isa))
+
+
+def read_bandwidth_probe(buf: torch.Tensor, repeats: int) -> float:
+    """Seconds taken to read every byte of buf `repeats` times (threads: torch.set_num_threads).
+
+    A STREAM-like read kernel used by scripts/bench_matmul.py as the bandwidth ceiling.
+    """
+    return torch.ops.tp_numa.read_bandwidth_probe(buf, int(repeats))
+
+
+def _register_fakes() -> None:
+    """Shape-only implementations so torch.compile / FakeTensor can trace the ops."""
+
+    @torch.library.register_fake("tp_numa::quant_matmul")
+    def _quant_matmul_fake(x, w, qtype):
+        torch._check(x.dim() == 2 and w.dim() == 2, lambda: "quant_matmul: x and w must be 2-D")
+        return x.new_empty((x.shape[0], w.shape[0]))
+
+
+load_extension()
+_register_fakes()
