@@ -3,6 +3,9 @@
 // tp_numa/distributed/shm.py) so torch.compile can trace the ops.
 #include <torch/library.h>
 
+#include "attention/attention_ops.h"
+#include "comm/shm_ops.h"
+#include "fused/fused_ops.h"
 #include "quant/quant_ops.h"
 
 TORCH_LIBRARY(tp_numa, m) {
@@ -11,14 +14,50 @@ TORCH_LIBRARY(tp_numa, m) {
     // no tensor arguments: bound here as catch-all kernels
     m.def("kernel_isa() -> str", &tp_numa::kernel_isa);
     m.def("set_kernel_isa(str isa) -> ()", &tp_numa::set_kernel_isa);
+    m.def("read_bandwidth_probe(Tensor buf, int repeats) -> float");
 
     // ---- shared-memory collectives (csrc/comm) ----
+    // group lifetime (no tensor arguments: catch-all kernels); handle = small integer
+    m.def("shm_create(str prefix, int local_rank, int[] ranks, int slot_bytes, float timeout_s) -> int",
+          &tp_numa::shm_create);
+    m.def("shm_attach(int handle) -> ()", &tp_numa::shm_attach);
+    m.def("shm_unlink(int handle) -> ()", &tp_numa::shm_unlink);
+    m.def("shm_destroy(int handle) -> ()", &tp_numa::shm_destroy);
+    m.def("shm_signal_abort(int handle, int rank) -> bool", &tp_numa::shm_signal_abort);
+    m.def("shm_all_reduce(Tensor(a!) t, int handle) -> ()");
+    m.def("shm_all_gather(Tensor t, Tensor(a!) out, int handle, int[] sizes, int root) -> ()");
+    m.def("shm_broadcast(Tensor(a!) t, int handle, int src) -> ()");
+    m.def("shm_fast_path_table() -> int", &tp_numa::shm_fast_path_table);
 
     // ---- attention (csrc/attention) ----
+    m.def("attn_decode(Tensor q, Tensor k_cache, Tensor v_cache, int n_keys, float scale) -> Tensor");
+    m.def("attn_decode_update(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, Tensor(b!) v_cache, int slot, "
+          "int n_keys, float scale) -> Tensor");
+    m.def("attn_prefill(Tensor q, Tensor k, Tensor v, int n_keys, int q_offset, float scale, int window) -> Tensor");
+
+    // ---- fused small row ops (csrc/fused) ----
+    m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
+    m.def("add_rms_norm_(Tensor(a!) residual, Tensor x, Tensor w, float eps, Tensor? x_weight=None) -> Tensor");
+    m.def("rope_(Tensor(a!) x, Tensor cos, Tensor sin, bool neox) -> ()");
+    m.def("act_mul(Tensor gu, bool gelu) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tp_numa, CPU, m) {
     m.impl("quant_matmul", &tp_numa::quant_matmul);
+    m.impl("read_bandwidth_probe", &tp_numa::read_bandwidth_probe);
+    // shared-memory collectives
+    m.impl("shm_all_reduce", &tp_numa::shm_all_reduce);
+    m.impl("shm_all_gather", &tp_numa::shm_all_gather);
+    m.impl("shm_broadcast", &tp_numa::shm_broadcast);
+    // attention
+    m.impl("attn_decode", &tp_numa::attn_decode);
+    m.impl("attn_decode_update", &tp_numa::attn_decode_update);
+    m.impl("attn_prefill", &tp_numa::attn_prefill);
+    // fused small row ops
+    m.impl("rms_norm", &tp_numa::rms_norm);
+    m.impl("add_rms_norm_", &tp_numa::add_rms_norm_);
+    m.impl("rope_", &tp_numa::rope_);
+    m.impl("act_mul", &tp_numa::act_mul);
 }
 
 // The extension module tp_numa._C: importing it runs the registrations above.
