@@ -386,19 +386,15 @@ def _placement_plan(offload: str | None, path: Path, state, max_context: int | N
     if offload is None:
         return None
     from . import offload as off
-    from .config import ModelConfig
-    from .gguf_loader import open_gguf
 
     placement = off.load_placement(offload)
-    f = open_gguf(path)
-    config = ModelConfig.from_gguf(f)
-    ctx = max_context if max_context is not None else min(int(config.context_length), DEFAULT_MAX_CONTEXT)
     local_ranks = None
     if state.world_size > 1:
         local_ranks = parallel_state.mpi_comm().allgather(state.local_rank)
-    plan = off.resolve_plan(config, placement, state.world_size, tensors=f.tensors, max_seq_len=ctx,
-                            kv_type=str(cache_type), local_ranks=local_ranks, model_name=path.name,
-                            warn=talk)
+    # reads only the header and tensor infos; unmatched-rule warnings are part of the
+    # printed plan, so they are not printed a second time here
+    plan = off.plan_for_file(path, placement, state.world_size, max_seq_len=max_context,
+                             kv_type=str(cache_type), local_ranks=local_ranks, warn=False)
     if talk:
         print(off.format_plan(plan), file=sys.stderr, flush=True)
     return plan

@@ -25,7 +25,7 @@ import inspect
 import sys
 import time
 
-from ..distributed import parallel_state
+from ..distributed import options, parallel_state
 from ..errors import TpNumaError
 from ..model_registry import DEFAULT_MODEL
 
@@ -58,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="KV cache element type")
     p.add_argument("-o", "--output", default="md", choices=("md", "json"), help="output format")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up run")
+    p.add_argument("--offload", default=None, metavar="FILE|PRESET",
+                   help="placement config (TOML) or preset, e.g. attention-on-gpu")
+    options.add_arguments(p)
     p.add_argument("--seed", type=int, default=1234, help="seed of the random prompt tokens")
     p.add_argument("--sweep", action="store_true",
                    help="llama-sweep-bench mode: PP/TG speed at N_KV = 0, PP, 2*PP, ... up to -c "
@@ -142,7 +145,7 @@ def run(args) -> int:
     from ..engine import LLM
     from ..gguf_loader import open_gguf
 
-    state = parallel_state.init()
+    state = options.init_from_args(args)
     talk = state.is_main and not args.quiet
 
     def log(msg: str) -> None:
@@ -161,7 +164,7 @@ def run(args) -> int:
             raise TpNumaError(f"-c/--ctx-size {ctx} is smaller than the largest test needs ({need})")
     threads = args.threads or [None]
     llm = LLM.load(args.model, threads=threads[0], max_context=ctx, cache_type=args.cache_type,
-                   prefill_chunk=args.batch_size, quiet=not talk)
+                   prefill_chunk=args.batch_size, offload=args.offload, quiet=not talk)
     info = bm.model_info(open_gguf(llm.path))
     runner = RandomTokenRunner(llm, args.seed, args.batch_size)
     log(f"{info.desc}, tp={state.world_size}, context {ctx}, KV cache {args.cache_type}")

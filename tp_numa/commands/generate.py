@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from ..distributed import parallel_state
+from ..distributed import options, parallel_state
 from ..errors import TpNumaError
 from ..model_registry import DEFAULT_MODEL, known_names
 
@@ -29,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="KV cache element type (default: %(default)s)")
     g.add_argument("--offload", default=None, metavar="FILE|PRESET",
                    help="placement config (TOML) or preset, e.g. attention-on-gpu")
+    options.add_arguments(p)
 
     g = p.add_argument_group("prompt")
     g.add_argument("-p", "--prompt", default=None, help="prompt text")
@@ -98,7 +99,7 @@ class _Stdout:
 
 
 def run(args) -> int:
-    state = parallel_state.init()
+    state = options.init_from_args(args)
     prompt, err = "", ""
     if state.is_main:  # only rank 0 sees stdin under mpirun, and only it needs the text
         try:
