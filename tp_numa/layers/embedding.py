@@ -1,0 +1,119 @@
+"""Vocab-parallel token embedding and LM head.
+
+The vocabulary ``[0, V)`` is split into contiguous row ranges, one per rank; a rank holds
+raw GGUF rows ``[v0, v1)`` of ``token_embd`` (and of ``output``, or shares the embedding
+rows when the output is tied to it).
+
+- embedding: each rank dequantizes only the looked-up rows that fall in its range
+  (the rest are zero) and the all-reduce sums the one non-zero contribution per token.
+- LM head: ``logits_r = h @ E[v0:v1]^T`` on each rank, gathered along the vocab to
+  rank 0 (``None`` on the others).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize
+from torch import nn
+
+from ..distributed import parallel_state
+from ..errors import ModelFormatError
+from ..gguf_loader import GGUFFile
+from .partition import Range, partition_rows
+from .quant import linear_method_for
+
+
+def dequantize_rows(rows: torch.Tensor, qtype: int, n_cols: int) -> torch.Tensor:
+    """uint8 raw rows [n, row_bytes] -> float32 [n, n_cols] (only these rows)."""
+    if rows.shape[0] == 0:
+        return torch.empty((0, n_cols), dtype=torch.float32)
+    vals = dequantize(rows.numpy(), GGMLQuantizationType(qtype))
+    return torch.from_numpy(np.ascontiguousarray(vals, dtype=np.float32).reshape(rows.shape[0], n_cols))
+
+
+class VocabParallelEmbedding(nn.Module):
+    """tokens [T] -> [T, d] float32; rank r holds vocab rows ``vocab_range``."""
+
+    def __init__(self, vocab_size: int, embedding_dim: int, vocab_range: Range | None = None,
+                 name: str = "token_embd.weight", tp_size: int | None = None):
+        super().__init__()
+        st = parallel_state.get()
+        self.tp_size = st.tp_size if tp_size is None else tp_size
+        self.vocab_size = vocab_size
+        self.embedding_dim = embedding_dim
+        if vocab_range is None:
+            vocab_range = partition_rows(name, vocab_size, st.tp_size)[st.tp_rank]
+        self.vocab_range = tuple(vocab_range)
+        self.register_buffer("weight", None, persistent=False)
+        self.qtype = -1
+
+    def load_gguf(self, f: GGUFFile, name: str) -> None:
+        info = f.info(name)
+        if info.shape != (self.vocab_size, self.embedding_dim):
+            raise ModelFormatError(
+                f"{f.path}: tensor '{name}' has shape {list(info.shape)}, "
+                f"expected [{self.vocab_size}, {self.embedding_dim}]")
+        self.weight = f.read_rows(name, *self.vocab_range)
+        self.qtype = int(info.qtype)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        v0, v1 = self.vocab_range
+        if (tokens < 0).any() or (tokens >= self.vocab_size).any():
+            bad = tokens[(tokens < 0) | (tokens >= self.vocab_size)][0].item()
+            raise ValueError(f"token id {bad} outside the vocabulary [0, {self.vocab_size})")
+        mine = (tokens >= v0) & (tokens < v1)
+        out = torch.zeros((tokens.shape[0], self.embedding_dim), dtype=torch.float32)
+        if bool(mine.any()):
+            local = tokens[mine] - v0
+            out[mine] = dequantize_rows(self.weight[local], self.qtype, self.embedding_dim)
+        if self.tp_size > 1:
+            from ..distributed import communicator
+
+            communicator.all_reduce(out)
+        return out
+
+
+class ParallelLMHead(nn.Module):
+    """h [T, d] -> logits float32 [T, V] on rank 0 (None elsewhere); vocab split over ranks."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, vocab_range: Range | None = None,
+                 name: str = "output.weight", tp_size: int | None = None):
+        super().__init__()
+        st = parallel_state.get()
+        self.tp_size = st.tp_size if tp_size is None else tp_size
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        all_ranges = partition_rows(name, vocab_size, self.tp_size)
+        self.vocab_range = tuple(vocab_range) if vocab_range is not None else all_ranges[st.tp_rank]
+        self.sizes = [b - a for a, b in all_ranges]
+        self.register_buffer("weight", None, persistent=False)
+        self.weight_qtype = -1
+        self.softcap: float | None = None
+
+    def load_gguf(self, f: GGUFFile, name: str) -> None:
+        info = f.info(name)
+        if info.shape != (self.vocab_size, self.hidden_size):
+            raise ModelFormatError(
+                f"{f.path}: tensor '{name}' has shape {list(info.shape)}, "
+                f"expected [{self.vocab_size}, {self.hidden_size}]")
+        linear_method_for(int(info.qtype)).create_weights(self, "weight", f.read_rows(name, *self.vocab_range),
+                                                          int(info.qtype))
+
+    def tie_weights(self, embedding: VocabParallelEmbedding) -> None:
+        """Share the embedding's rows (tied output): same vocab split, no second copy."""
+        assert embedding.vocab_range == self.vocab_range
+        linear_method_for(embedding.qtype).create_weights(self, "weight", embedding.weight, embedding.qtype)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor | None:
+        logits = linear_method_for(self.weight_qtype).apply(self, "weight", h)   # (T, v1 - v0)
+        if self.tp_size > 1:
+            from ..distributed import communicator
+
+            logits = communicator.gather_to_main(logits, dim=1, sizes=self.sizes)   # (T, V) on rank 0
+            if logits is None:
+                return None
+        if self.softcap is not None:
+            # final logit soft-capping: cap * tanh(logits / cap)
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits.float()

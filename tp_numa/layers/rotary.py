@@ -1,0 +1,56 @@
+"""Rotary position embedding (RoPE) in llama.cpp's two layouts.
+
+For head dims ``i < rope_dim/2`` the pair (a, b) is rotated by the angle
+``theta_i(p) = (p / scale) * base^(-2i / rope_dim) / factor_i``:
+``a' = a cos - b sin``, ``b' = a sin + b cos``.
+
+- ``norm`` (llama): pairs are adjacent, ``(x[2i], x[2i+1])`` (the GGUF converter
+  permutes llama's q/k rows so that this layout applies);
+- ``neox`` (qwen2, qwen3, gemma3): pairs are halves, ``(x[i], x[i + rope_dim/2])``.
+
+Dims ``>= rope_dim`` pass unchanged. ``factor_i`` are llama3-style frequency factors
+(GGUF tensor ``rope_freqs.weight``), 1 when absent. Angles are computed in float64 and
+the rotation in float32.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, rope_dim: int, base: float, style: str, scale: float = 1.0,
+                 freq_factors: torch.Tensor | None = None):
+        super().__init__()
+        if style not in ("norm", "neox"):
+            raise ValueError(f"rope style must be 'norm' or 'neox', got {style!r}")
+        self.rope_dim = rope_dim
+        self.base = base
+        self.style = style
+        self.scale = scale
+        inv = base ** (-torch.arange(0, rope_dim, 2, dtype=torch.float64) / rope_dim)   # (rope_dim/2,)
+        if freq_factors is not None:
+            inv = inv / freq_factors.to(torch.float64)
+        self.register_buffer("inv_freq", inv / scale, persistent=False)
+
+    def cos_sin(self, start_pos: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, rope_dim/2] for positions start_pos .. start_pos+T-1."""
+        pos = torch.arange(start_pos, start_pos + T, dtype=torch.float64)
+        ang = pos[:, None] * self.inv_freq[None, :]
+        return ang.cos().float(), ang.sin().float()
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [T, H, D] -> rotated [T, H, D]; cos/sin [T, rope_dim/2] from ``cos_sin``."""
+        rd = self.rope_dim
+        rot, rest = x[..., :rd], x[..., rd:]
+        c, s = cos[:, None, :], sin[:, None, :]                  # (T, 1, rd/2)
+        if self.style == "neox":
+            a, b = rot[..., : rd // 2], rot[..., rd // 2:]
+            out = torch.cat([a * c - b * s, a * s + b * c], dim=-1)
+        else:
+            a, b = rot[..., 0::2], rot[..., 1::2]
+            out = torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2)
+        return torch.cat([out, rest], dim=-1) if rest.shape[-1] else out
+
+    def extra_repr(self) -> str:
+        return f"dim={self.rope_dim}, base={self.base}, style={self.style}, scale={self.scale}"

@@ -1,0 +1,203 @@
+"""Llama-family decoder (Llama 2/3, Mistral), tensor parallel over the ranks.
+
+The same blocks serve qwen2 (qkv bias) and qwen3 (q/k RMSNorm per head), switched by the
+ModelConfig flags; gemma3 reuses the attention and MLP with its own layer (gemma3.py).
+
+Per layer, on each rank (T tokens, d = d_model, hd = head_dim, this rank's heads n_q /
+n_kv and ffn features f_r):
+
+    h   = x + o_proj(attn(rope(q), rope(k), v))      q,k,v = qkv_proj(input_layernorm(x))
+    out = h + down_proj(silu(gate) * up)             gate,up = gate_up_proj(post_attention_layernorm(h))
+
+o_proj and down_proj are row-parallel: their forward ends in the all-reduce that sums
+the ranks' partial outputs. Everything else is local to the rank.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..gguf_loader import GGUFFile
+from ..layers.attention import Attention
+from ..layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from ..layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from ..layers.norm import RMSNorm
+from ..layers.partition import HeadShard, LayerPartition, ModelPartition
+from ..layers.rotary import RotaryEmbedding
+
+
+class SelfAttention(nn.Module):
+    """This rank's query heads ``shard.q`` (and KV heads ``shard.kv``) of one layer."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, shard: HeadShard, rotary: RotaryEmbedding,
+                 tp_size: int):
+        super().__init__()
+        hd = cfg.head_dim
+        self.layer_idx = layer_idx
+        self.qkv_proj = QKVParallelLinear(cfg.d_model, hd, cfg.n_heads, cfg.n_kv_heads, shard, bias=cfg.qkv_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.norm_eps)
+            self.k_norm = RMSNorm(hd, cfg.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+        self.rotary_emb = rotary
+        # Local KV head of each local query head. When a rank's query heads straddle KV
+        # groups unevenly (e.g. 14 heads / 2 groups at tp=3: heads 5..9 = 2 of group 0 +
+        # 3 of group 1) plain GQA indexing does not apply; K/V are then expanded to one
+        # head per query head before the cache.
+        kv_index = shard.kv_index(cfg.n_heads // cfg.n_kv_heads)
+        group = shard.n_q // shard.n_kv if shard.n_q % shard.n_kv == 0 else 0
+        uniform = group > 0 and kv_index == [h // group for h in range(shard.n_q)]
+        self.register_buffer("kv_expand", None if uniform else torch.tensor(kv_index), persistent=False)
+        n_kv_cache = shard.n_kv if uniform else shard.n_q
+        self.attn = Attention(shard.n_q, n_kv_cache, hd, cfg.attn_scale, cfg.window_for(layer_idx), layer_idx)
+        self.o_proj = RowParallelLinear(cfg.n_heads * hd, cfg.d_model, in_range=(shard.q[0] * hd, shard.q[1] * hd),
+                                        tp_size=tp_size)
+
+    def load_gguf(self, f: GGUFFile, prefix: str) -> None:
+        bias = [prefix + n for n in ("attn_q.bias", "attn_k.bias", "attn_v.bias")] if self.qkv_proj.has_bias else None
+        self.qkv_proj.load_gguf(f, [prefix + "attn_q.weight", prefix + "attn_k.weight", prefix + "attn_v.weight"], bias)
+        if self.q_norm is not None:
+            self.q_norm.load_gguf(f, prefix + "attn_q_norm.weight")
+            self.k_norm.load_gguf(f, prefix + "attn_k_norm.weight")
+        self.o_proj.load_gguf(f, prefix + "attn_output.weight")
+
+    def forward(self, x: torch.Tensor, start_pos: int, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x [T, d] -> [T, d] (summed over ranks by o_proj)."""
+        q, k, v = self.qkv_proj.split(self.qkv_proj(x))     # (T, n_q, hd), (T, n_kv, hd), (T, n_kv, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)             # per-head RMSNorm over hd
+        q = self.rotary_emb(q, *cos_sin)
+        k = self.rotary_emb(k, *cos_sin)
+        if self.kv_expand is not None:
+            k, v = k[:, self.kv_expand], v[:, self.kv_expand]   # (T, n_q, hd)
+        out = self.attn(q, k, v, start_pos)                   # (T, n_q * hd)
+        return self.o_proj(out)                               # (T, d), all-reduced
+
+
+class MLP(nn.Module):
+    """Gated FFN on this rank's features ``[f0, f1)``: ``down(act(gate) * up)``."""
+
+    def __init__(self, cfg: ModelConfig, ffn_range: tuple[int, int], tp_size: int):
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.d_model, [cfg.ffn_dim, cfg.ffn_dim], [ffn_range, ffn_range])
+        self.down_proj = RowParallelLinear(cfg.ffn_dim, cfg.d_model, in_range=ffn_range, tp_size=tp_size)
+        self.act = cfg.ffn_act
+
+    def load_gguf(self, f: GGUFFile, prefix: str) -> None:
+        self.gate_up_proj.load_gguf(f, [prefix + "ffn_gate.weight", prefix + "ffn_up.weight"])
+        self.down_proj.load_gguf(f, prefix + "ffn_down.weight")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, d] -> [T, d] (summed over ranks by down_proj)."""
+        gate, up = torch.split(self.gate_up_proj(x), self.gate_up_proj.local_sizes, dim=1)   # (T, f_r) each
+        if self.act == "gelu_tanh":
+            hidden = F.gelu(gate, approximate="tanh") * up
+        else:
+            hidden = F.silu(gate) * up
+        return self.down_proj(hidden)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: ``h = x + attn(norm(x)); out = h + mlp(norm(h))``."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, part: LayerPartition, rotary: RotaryEmbedding,
+                 tp_size: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.self_attn = SelfAttention(cfg, layer_idx, part.heads, rotary, tp_size)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg, part.ffn, tp_size)
+
+    def load_gguf(self, f: GGUFFile, prefix: str) -> None:
+        self.input_layernorm.load_gguf(f, prefix + "attn_norm.weight")
+        self.self_attn.load_gguf(f, prefix)
+        self.post_attention_layernorm.load_gguf(f, prefix + "ffn_norm.weight")
+        self.mlp.load_gguf(f, prefix)
+
+    def forward(self, x: torch.Tensor, start_pos: int, cos_sin) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), start_pos, cos_sin)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DecoderModel(nn.Module):
+    """Embedding, decoder layers and final norm: tokens [T] -> hidden [T, d]."""
+
+    layer_class = DecoderLayer
+
+    def __init__(self, cfg: ModelConfig, part: ModelPartition, freq_factors: torch.Tensor | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, part.vocab, tp_size=part.tp)
+        # one RoPE table per distinct (base, scale): layers of one kind share it, and with it
+        # the cos/sin of the current positions (computed once per forward)
+        ropes: dict[tuple[float, float], RotaryEmbedding] = {}
+        for i in range(cfg.n_layers):
+            key = (cfg.rope_base_for(i), cfg.rope_scale_for(i))
+            if key not in ropes:
+                ropes[key] = RotaryEmbedding(cfg.rope_dim, key[0], cfg.rope_style, key[1], freq_factors)
+        self.rope_keys = [(cfg.rope_base_for(i), cfg.rope_scale_for(i)) for i in range(cfg.n_layers)]
+        self.ropes = nn.ModuleList(ropes.values())
+        self._rope_index = {k: j for j, k in enumerate(ropes)}
+        self.layers = nn.ModuleList(
+            self.layer_class(cfg, i, part.layers[i], self.ropes[self._rope_index[self.rope_keys[i]]], part.tp)
+            for i in range(cfg.n_layers)
+        )
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+
+    def load_gguf(self, f: GGUFFile) -> None:
+        self.embed_tokens.load_gguf(f, "token_embd.weight")
+        for i, layer in enumerate(self.layers):
+            layer.load_gguf(f, f"blk.{i}.")
+        self.norm.load_gguf(f, "output_norm.weight")
+
+    def forward(self, tokens: torch.Tensor, start_pos: int, last_only: bool = False) -> torch.Tensor:
+        """tokens [T] at positions start_pos.. -> normed hidden [T, d] ([1, d] if last_only)."""
+        T = tokens.shape[0]
+        x = self.embed_tokens(tokens)                             # (T, d)
+        if self.cfg.embed_scale != 1.0:
+            x = x * self.cfg.embed_scale
+        tables = [rope.cos_sin(start_pos, T) for rope in self.ropes]   # (T, rope_dim/2) each
+        for i, layer in enumerate(self.layers):
+            x = layer(x, start_pos, tables[self._rope_index[self.rope_keys[i]]])
+        if last_only:
+            x = x[-1:]
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    """tokens [T] -> logits float32 [T, vocab] on rank 0 (None on other ranks)."""
+
+    model_class = DecoderModel
+
+    def __init__(self, cfg: ModelConfig, part: ModelPartition, freq_factors: torch.Tensor | None = None):
+        super().__init__()
+        self.config = cfg
+        self.partition = part
+        self.model = self.model_class(cfg, part, freq_factors)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.d_model, part.vocab, tp_size=part.tp)
+        self.lm_head.softcap = cfg.final_logit_softcap
+
+    def load_gguf(self, f: GGUFFile) -> None:
+        self.model.load_gguf(f)
+        if self.config.tied_output:
+            self.lm_head.tie_weights(self.model.embed_tokens)
+        else:
+            self.lm_head.load_gguf(f, "output.weight")
+
+    def setup_cache(self, max_seq_len: int, dtype: torch.dtype | str = torch.float16) -> None:
+        """Preallocate every layer's K/V cache (this rank's KV heads only)."""
+        for layer in self.model.layers:
+            layer.self_attn.attn.setup_cache(max_seq_len, dtype)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start_pos: int, last_only: bool = False) -> torch.Tensor | None:
+        """Run tokens [T] at positions start_pos..start_pos+T-1.
+
+        Returns logits [T, vocab] ([1, vocab] with last_only) on rank 0, None elsewhere.
+        """
+        h = self.model(tokens, start_pos, last_only)              # (T, d)
+        return self.lm_head(h)
+
