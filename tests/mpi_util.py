@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = Path(__file__).resolve().parent / "comm_scripts"
 
@@ -14,6 +16,14 @@ SCRIPTS = Path(__file__).resolve().parent / "comm_scripts"
 def mpirun_path() -> str | None:
     here = Path(sys.executable).parent / "mpirun"
     return str(here) if here.exists() else shutil.which("mpirun")
+
+
+def mpirun_or_skip() -> str:
+    """``mpirun_path()``, skipping the calling test where there is none."""
+    found = mpirun_path()
+    if found is None:
+        pytest.skip("mpirun not installed")
+    return found
 
 
 def run_mpi(np_: int, script: str, *args: str, env: dict | None = None, timeout: float = 120,

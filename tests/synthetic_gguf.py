@@ -2,8 +2,14 @@
 plain float64 reference forward that reads them with gguf.GGUFReader (independent of
 tp_numa's loader and layers).
 
-The dims are chosen so that every tensor splits at tp = 2, 3, 4 and most splits are
-uneven: 6 query heads in 2 KV groups, head_dim 32, ffn 160 (5 blocks of 32), vocab 301.
+``write_model(path, Spec)``: the dims are chosen so that every tensor splits at tp = 2, 3,
+4 and most splits are uneven: 6 query heads in 2 KV groups, head_dim 32, ffn 160 (5 blocks
+of 32), vocab 301. No tokenizer: the model tests feed ids.
+
+``write_tiny_llama(path, ...)``: a complete, loadable 1-layer llama model with a tiny
+SentencePiece-style vocabulary (for the engine, CLI and bench tests); its knobs break it
+in exactly one way each (drop a tensor, give one tensor an unsupported type, name an
+unknown architecture) for the error-path tests.
 """
 from __future__ import annotations
 
@@ -79,17 +85,8 @@ def write_model(path: str | Path, spec: Spec) -> Path:
     path = Path(path)
     rng = np.random.default_rng(spec.seed)
     s = spec
-    w = gguf.GGUFWriter(str(path), s.arch)
-    w.add_block_count(s.n_layers)
-    w.add_context_length(512)
-    w.add_embedding_length(s.d_model)
-    w.add_feed_forward_length(s.ffn)
-    w.add_head_count(s.n_heads)
-    w.add_head_count_kv(s.n_kv)
-    w.add_key_length(s.head_dim)
-    w.add_value_length(s.head_dim)
-    w.add_layer_norm_rms_eps(s.eps)
-    w.add_rope_freq_base(s.rope_base)
+    w = _writer(path, s.arch, s.n_layers, 512, s.d_model, s.ffn, s.n_heads, s.n_kv, s.eps, s.rope_base,
+                head_dim=s.head_dim)
     if s.arch == "gemma3":
         w.add_sliding_window(s.window)
     for k, v in s.extra_kv.items():
@@ -132,10 +129,111 @@ def write_model(path: str | Path, spec: Spec) -> Path:
         if s.arch == "gemma3":
             _store(w, p + "post_attention_norm.weight", vec(d), QT.F32)
             _store(w, p + "post_ffw_norm.weight", vec(d), QT.F32)
+    _finish(w)
+    return path
+
+
+def _writer(path: Path, arch: str, n_layers: int, ctx: int, d: int, ffn: int, heads: int, kv: int,
+            eps: float, rope_base: float, head_dim: int | None = None) -> gguf.GGUFWriter:
+    """A GGUFWriter with the hyperparameters every model here has (key/value lengths
+    written only when ``head_dim`` is given)."""
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(n_layers)
+    w.add_context_length(ctx)
+    w.add_embedding_length(d)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    if head_dim is not None:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    w.add_layer_norm_rms_eps(eps)
+    w.add_rope_freq_base(rope_base)
+    return w
+
+
+def _finish(w: gguf.GGUFWriter) -> None:
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+# ---- tiny llama with a vocabulary (engine / CLI / error-path tests) ----------------------
+
+TINY_D, TINY_HEADS, TINY_KV, TINY_FFN, TINY_LAYERS = 64, 2, 1, 128, 1
+TINY_HEAD_DIM = TINY_D // TINY_HEADS
+
+
+def _tiny_vocab() -> tuple[list[str], list[float], list[int]]:
+    """<unk> <s> </s>, the 256 byte tokens, then a few words: a valid 'llama' vocab."""
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [2, 3, 3] + [6] * 256
+    words = ["▁", "h", "i", "e", "l", "o", "▁h", "▁hi", "▁hello", "▁the", "t"]
+    tokens += words
+    types += [1] * len(words)
+    scores = [0.0] * 259 + [-float(i) for i in range(len(words))]
+    return tokens, scores, types
+
+
+def write_tiny_llama(
+    path: str | Path,
+    *,
+    arch: str = "llama",
+    drop: tuple[str, ...] = (),
+    unsupported: str | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write the tiny llama; ``drop`` omits tensors by name, ``unsupported`` stores that
+    tensor as Q8_1 (a GGML type tp_numa does not run), ``arch`` sets general.architecture."""
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    tokens, scores, types = _tiny_vocab()
+    vocab = len(tokens)
+    D, HEADS, KV, FFN, HEAD_DIM = TINY_D, TINY_HEADS, TINY_KV, TINY_FFN, TINY_HEAD_DIM
+    w = _writer(path, arch, TINY_LAYERS, 256, D, FFN, HEADS, KV, 1e-5, 10000.0)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+
+    def mat(n: int, k: int) -> np.ndarray:
+        return (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+
+    tensors: dict[str, np.ndarray] = {
+        "token_embd.weight": mat(vocab, D),
+        "output_norm.weight": np.ones(D, dtype=np.float32),
+        "output.weight": mat(vocab, D),
+    }
+    for i in range(TINY_LAYERS):
+        tensors.update({
+            f"blk.{i}.attn_norm.weight": np.ones(D, dtype=np.float32),
+            f"blk.{i}.attn_q.weight": mat(HEADS * HEAD_DIM, D),
+            f"blk.{i}.attn_k.weight": mat(KV * HEAD_DIM, D),
+            f"blk.{i}.attn_v.weight": mat(KV * HEAD_DIM, D),
+            f"blk.{i}.attn_output.weight": mat(D, HEADS * HEAD_DIM),
+            f"blk.{i}.ffn_norm.weight": np.ones(D, dtype=np.float32),
+            f"blk.{i}.ffn_gate.weight": mat(FFN, D),
+            f"blk.{i}.ffn_up.weight": mat(FFN, D),
+            f"blk.{i}.ffn_down.weight": mat(D, FFN),
+        })
+    for name, t in tensors.items():
+        if name in drop:
+            continue
+        if name == unsupported:
+            # Q8_1 (blocks of 32 values): a real GGML type that tp_numa does not run.
+            # All-zero blocks are valid (every value 0); the loader refuses the type first.
+            qtype = QT.Q8_1
+            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+            n, k = t.shape
+            w.add_tensor(name, np.zeros((n, k // block * type_size), dtype=np.uint8), raw_dtype=qtype)
+            continue
+        w.add_tensor(name, t)
+    _finish(w)
     return path
 
 

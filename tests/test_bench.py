@@ -116,7 +116,7 @@ def test_builtin_png_plot(tmp_path):
 
 def test_bench_cli_end_to_end(tmp_path, cli_env, python):
     """A real run on a tiny random GGUF: json and markdown outputs, sweep with a plot."""
-    from tiny_gguf import write_tiny_llama
+    from synthetic_gguf import write_tiny_llama
 
     model = write_tiny_llama(tmp_path / "tiny.gguf")
     base = [python, "-m", "tp_numa.cli", "bench", "-m", str(model)]
@@ -144,7 +144,7 @@ def test_compare_script_tpnuma_worker_protocol(tmp_path, cli_env, python):
     """scripts/compare_llamacpp.py's tp-numa worker: loads once, answers timed runs on stdin."""
     import os
 
-    from tiny_gguf import write_tiny_llama
+    from synthetic_gguf import write_tiny_llama
 
     model = write_tiny_llama(tmp_path / "tiny.gguf")
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "compare_llamacpp.py")

@@ -2,31 +2,22 @@
 world-size-1 / llama.cpp greedy text; an error is printed once and every rank exits."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from golden import load_golden
+from mpi_util import mpirun_or_skip
 from tp_numa.tokenizer import Tokenizer
 
 pytestmark = [pytest.mark.slow, pytest.mark.mpi]
 N = 16
 
 
-def mpirun() -> str:
-    local = Path(sys.executable).parent / "mpirun"
-    found = str(local) if local.exists() else shutil.which("mpirun")
-    if not found:
-        pytest.skip("no mpirun")
-    return found
-
-
 def run_mpi(cli_env, np_, *args, timeout=900):
     env = dict(cli_env, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    cmd = [mpirun(), "--oversubscribe", "-np", str(np_), "-x", "PYTHONPATH",
+    cmd = [mpirun_or_skip(), "--oversubscribe", "-np", str(np_), "-x", "PYTHONPATH",
            sys.executable, "-m", "tp_numa.cli", "generate", *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout,
                           stdin=subprocess.DEVNULL)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tp_numa
-from tiny_gguf import write_tiny_llama
+from synthetic_gguf import write_tiny_llama
 from tp_numa.errors import TpNumaError
 
 PROMPT = "hello the hello"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tiny_gguf import write_tiny_llama
+from synthetic_gguf import write_tiny_llama
 
 
 def generate(cli_env, *args, timeout=300):

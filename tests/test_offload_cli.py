@@ -1,12 +1,12 @@
 """`tp-numa plan` and `--offload` on the command line: printed plans, one-line errors,
 non-zero exits (on every rank under mpirun), and the no-CUDA failure before loading."""
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+
+from mpi_util import mpirun_or_skip
 
 HAS_CUDA = torch.cuda.is_available()
 no_cuda_only = pytest.mark.skipif(HAS_CUDA, reason="this machine has CUDA")
@@ -87,21 +87,15 @@ def test_generate_with_gpu_config_fails_before_loading(cli_env, tmp_path):
     assert "needs a CUDA GPU, but none is available" in line and "not a GGUF" not in line
 
 
-def _mpirun():
-    exe = Path(sys.executable).parent / "mpirun"
-    return str(exe) if exe.exists() else shutil.which("mpirun")
-
-
 @no_cuda_only
 @pytest.mark.mpi
 def test_gpu_config_without_cuda_ends_every_rank(cli_env, tmp_path):
-    if _mpirun() is None:
-        pytest.skip("mpirun not installed")
+    mpirun = mpirun_or_skip()
     fake = tmp_path / "not-a-model.gguf"
     fake.write_bytes(b"this is not a gguf file" * 10)
     env = dict(cli_env, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1")
     r = cli(["generate", "--model", str(fake), "--offload", "attention-on-gpu", "-p", "hi", "-n", "2"], env,
-            timeout=120, prefix=(_mpirun(), "--oversubscribe", "-np", "2"))
+            timeout=120, prefix=(mpirun, "--oversubscribe", "-np", "2"))
     assert r.returncode != 0 and r.stdout == ""
     assert "Traceback" not in r.stderr
     assert "needs a CUDA GPU, but none is available" in r.stderr

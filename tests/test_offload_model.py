@@ -11,7 +11,6 @@
 - Applying placements and plans to a loaded model.
 """
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
 
+from mpi_util import mpirun_or_skip
 from synthetic_gguf import Spec, gemma3_spec, read_float_weights, reference_logits, write_model
 from tp_numa import offload
 from tp_numa.distributed.parallel_state import ParallelState
@@ -112,10 +112,7 @@ def test_unknown_module_names_are_refused(tmp_path):
 @pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
 def test_offloaded_tp2_matches_single_rank(tmp_path, arch):
     """Every rank offloads its own heads' attention; tp=2 gives the tp=1 logits."""
-    mpirun = Path(sys.executable).parent / "mpirun"
-    mpirun = str(mpirun) if mpirun.exists() else shutil.which("mpirun")
-    if mpirun is None:
-        pytest.skip("mpirun not installed")
+    mpirun = mpirun_or_skip()
     spec = SPECS[arch]()
     path = write_model(tmp_path / f"{arch}.gguf", spec)
     chunks = [6, 1, 1, 4, 1, 1]

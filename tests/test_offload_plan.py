@@ -9,7 +9,7 @@ import pytest
 from tp_numa import offload
 from tp_numa.config import ModelConfig
 from tp_numa.errors import UnsupportedError
-from tp_numa.gguf_header import read_header
+from tp_numa.gguf_loader import read_header
 from tp_numa.placement import PlacementError, parse_placement
 
 MODELS = ["qwen2.5-coder-0.5b", "gemma3-270m"]

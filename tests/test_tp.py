@@ -15,7 +15,6 @@ bound 3e-2. Deep models amplify further; see test_shipped_models_tp_equals_singl
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
 
+from mpi_util import mpirun_or_skip
 from synthetic_gguf import Spec, gemma3_spec, write_model
 
 HERE = Path(__file__).resolve().parent
@@ -36,16 +36,6 @@ SHIPPED_LOGIT_BOUND = 0.15
 NEAR_TIE = 0.5
 
 
-def _mpirun() -> str:
-    exe = Path(sys.executable).parent / "mpirun"
-    if exe.exists():
-        return str(exe)
-    found = shutil.which("mpirun")
-    if not found:
-        pytest.skip("mpirun not installed")
-    return found
-
-
 def _run(pairs: list[tuple[Path, Path]], np_: int, timeout: int = 600, prompts: list[list[int]] | None = None,
          greedy: int = 6, cache: str = "f32") -> list[dict]:
     """Run the worker on every (model, out) pair in one launch of np_ ranks."""
@@ -54,7 +44,7 @@ def _run(pairs: list[tuple[Path, Path]], np_: int, timeout: int = 600, prompts: 
     if np_ == 1:
         cmd = [sys.executable, str(WORKER)]
     else:
-        cmd = [_mpirun(), "--oversubscribe", "-np", str(np_), sys.executable, str(WORKER)]
+        cmd = [mpirun_or_skip(), "--oversubscribe", "-np", str(np_), sys.executable, str(WORKER)]
     cmd += [str(p) for pair in pairs for p in pair] + ["--greedy", str(greedy), "--cache", cache]
     for prompt in (prompts or [[int(t) for t in TOKENS.split(",")]]):
         cmd += ["--tokens", ",".join(str(t) for t in prompt)]
@@ -122,7 +112,7 @@ def test_unsplittable_tensor_fails_on_every_rank(tmp_path):
     # gemma3-like: 4 query heads cannot be split over 5 ranks
     model = write_model(tmp_path / "g.gguf", gemma3_spec(n_layers=1))
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([_mpirun(), "--oversubscribe", "-np", "5", sys.executable, str(WORKER), str(model),
+    proc = subprocess.run([mpirun_or_skip(), "--oversubscribe", "-np", "5", sys.executable, str(WORKER), str(model),
                            str(tmp_path / "x.npz"), "--tokens", TOKENS], env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode != 0

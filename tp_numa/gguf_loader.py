@@ -15,9 +15,7 @@ the per-rank resident weight bytes.
 """
 from __future__ import annotations
 
-import mmap
 import os
-import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +25,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
 from .errors import ModelFormatError, UnsupportedError
+from .gguf_metadata import map_gguf, parse_kv
 
 GGUF_MAGIC = b"GGUF"
 
@@ -84,140 +83,64 @@ class TensorInfo:
         return self.n_blocks * self.type_size
 
 
-# GGUF value type id -> struct format of fixed-size scalars; 8 = string, 9 = array.
-_SCALAR_FMT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-               10: "<Q", 11: "<q", 12: "<d"}
-_NP_DTYPE = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32,
-             6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
-_STRING, _ARRAY = 8, 9
+def parse_header(buf, path: str, size: int) -> tuple[dict[str, Any], dict[str, TensorInfo]]:
+    """Metadata and tensor infos of the GGUF header in ``buf`` (little-endian v2/v3)::
 
+        magic | u32 version | u64 n_tensors | u64 n_kv | n_kv x (key, value)
+        | n_tensors x (name, u32 n_dims, u64 dims[n_dims], u32 type, u64 offset)
+        | padding to ``general.alignment`` (default 32) | tensor data
 
-class _Header:
-    """Parser of the GGUF header (little-endian v2/v3): magic | u32 version | u64 n_tensors
-    | u64 n_kv | n_kv x (key, value) | n_tensors x (name, u32 n_dims, u64 dims[n_dims],
-    u32 type, u64 offset) | padding to ``general.alignment`` | tensor data.
-
-    Written here instead of using ``gguf.GGUFReader``, which builds one numpy view per
-    array element (tens of seconds for a 262144-token vocabulary on a busy core)."""
-
-    def __init__(self, buf, path: str):
-        self.buf, self.pos, self.path = buf, 0, path
-
-    def _take(self, n: int) -> int:
-        start = self.pos
-        if start + n > len(self.buf):
+    Parsed here (the key/value section by ``gguf_metadata.parse_kv``) instead of with
+    ``gguf.GGUFReader``, which builds one numpy view per array element (tens of seconds
+    for a 262144-token vocabulary on a busy core). Numeric metadata arrays stay numpy
+    arrays; ``GGUFHeader.metadata`` hands them out as lists. Every tensor's byte range is
+    checked against the file ``size``."""
+    cur, n_tensors, meta = parse_kv(buf, path)
+    raw_infos = []
+    for _ in range(n_tensors):
+        name = cur.string()
+        n_dims = cur.unpack("<I")
+        dims = [cur.unpack("<Q") for _ in range(n_dims)]
+        raw_infos.append((name, dims, cur.unpack("<I"), cur.unpack("<Q")))
+    align = int(meta.get("general.alignment", 32))
+    data_start = (cur.pos + align - 1) // align * align
+    tensors: dict[str, TensorInfo] = {}
+    for name, dims, raw_type, offset in raw_infos:
+        try:
+            qtype = GGMLQuantizationType(raw_type)
+        except ValueError:
+            raise UnsupportedError(f"{path}: tensor '{name}' has unknown GGML type id {raw_type}") from None
+        block, tsize = GGML_QUANT_SIZES[qtype]
+        n_elems = int(np.prod(dims)) if dims else 1
+        if dims and dims[0] % block:
             raise ModelFormatError(
-                f"{self.path}: file is truncated inside the GGUF header (needs byte {start + n}, "
-                f"the file has {len(self.buf)})")
-        self.pos = start + n
-        return start
-
-    def unpack(self, fmt: str):
-        return struct.unpack_from(fmt, self.buf, self._take(struct.calcsize(fmt)))[0]
-
-    def string(self) -> str:
-        n = self.unpack("<Q")
-        start = self._take(n)
-        return self.buf[start:start + n].decode("utf-8", errors="replace")
-
-    def _strings(self, count: int) -> list[str]:
-        """A string array in one tight loop (the vocabulary is the only large one)."""
-        buf, pos, end = self.buf, self.pos, len(self.buf)
-        read_len = struct.Struct("<Q").unpack_from
-        out = []
-        for _ in range(count):
-            if pos + 8 > end:
-                break
-            (n,) = read_len(buf, pos)
-            out.append(buf[pos + 8: pos + 8 + n])
-            pos += 8 + n
-        if len(out) < count or pos > end:
-            raise ModelFormatError(f"{self.path}: file is truncated inside the GGUF header (string array)")
-        self.pos = pos
-        return [b.decode("utf-8", errors="replace") for b in out]
-
-    def value(self, vtype: int):
-        if vtype in _SCALAR_FMT:
-            return self.unpack(_SCALAR_FMT[vtype])
-        if vtype == _STRING:
-            return self.string()
-        if vtype == _ARRAY:
-            etype, count = self.unpack("<I"), self.unpack("<Q")
-            if etype in _NP_DTYPE:
-                dtype = np.dtype(_NP_DTYPE[etype])
-                start = self._take(count * dtype.itemsize)
-                return np.frombuffer(self.buf, dtype=dtype, count=count, offset=start).tolist()
-            if etype == _STRING:
-                return self._strings(count)
-            return [self.value(etype) for _ in range(count)]
-        raise ModelFormatError(f"{self.path}: unknown GGUF metadata value type {vtype} at byte {self.pos}")
+                f"{path}: tensor '{name}' rows of {dims[0]} elements are not whole {qtype.name} blocks")
+        n_bytes = n_elems // block * tsize
+        start = data_start + offset
+        if start + n_bytes > size:
+            raise ModelFormatError(
+                f"{path}: file is truncated: tensor '{name}' ends at byte {start + n_bytes} "
+                f"but the file has {size} bytes")
+        # GGUF lists dims innermost first; TensorInfo.shape is torch order
+        tensors[name] = TensorInfo(name, qtype, tuple(int(d) for d in reversed(dims)), start, n_bytes)
+    return meta, tensors
 
 
-class GGUFFile:
-    """An opened, validated GGUF file. Reads metadata and per-rank tensor slices."""
+class GGUFHeader:
+    """Metadata + tensor infos of a GGUF file, read without touching tensor data.
+
+    ``tp-numa plan`` and ``config.ModelConfig.from_gguf`` need only these (arch, metadata,
+    require, has, info); ``GGUFFile`` adds the tensor reads."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = str(path)
-        if not os.path.exists(self.path):
-            raise ModelFormatError(f"model file not found: {self.path}")
-        if not os.path.isfile(self.path):
-            raise ModelFormatError(f"model path is not a file: {self.path}")
-        size = os.path.getsize(self.path)
-        with open(self.path, "rb") as fh:
-            magic = fh.read(4)
-        if magic != GGUF_MAGIC:
-            raise ModelFormatError(f"{self.path}: not a GGUF file (bad magic {magic!r})")
-        self._mm: np.memmap = np.memmap(self.path, mode="r")
-        with open(self.path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as raw:
-            self._parse_header(raw, size)
-        # bytes copied out of the file per tensor name (this process only)
-        self.loaded_bytes: dict[str, int] = {}
-
-    def _parse_header(self, raw: mmap.mmap, size: int) -> None:
-        hdr = _Header(raw, self.path)
-        hdr.pos = 4
-        version = hdr.unpack("<I")
-        if version not in (2, 3):
-            raise ModelFormatError(f"{self.path}: unsupported GGUF version {version}")
-        n_tensors, n_kv = hdr.unpack("<Q"), hdr.unpack("<Q")
-        self.meta: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key = hdr.string()
-            self.meta[key] = hdr.value(hdr.unpack("<I"))
-        raw_infos = []
-        for _ in range(n_tensors):
-            name = hdr.string()
-            n_dims = hdr.unpack("<I")
-            dims = [hdr.unpack("<Q") for _ in range(n_dims)]
-            raw_infos.append((name, dims, hdr.unpack("<I"), hdr.unpack("<Q")))
-        align = int(self.meta.get("general.alignment", 32))
-        data_start = (hdr.pos + align - 1) // align * align
-        self.tensors: dict[str, TensorInfo] = {}
-        for name, dims, raw_type, offset in raw_infos:
-            try:
-                qtype = GGMLQuantizationType(raw_type)
-            except ValueError:
-                raise UnsupportedError(f"{self.path}: tensor '{name}' has unknown GGML type id {raw_type}") from None
-            block, tsize = GGML_QUANT_SIZES[qtype]
-            n_elems = int(np.prod(dims)) if dims else 1
-            if dims and dims[0] % block:
-                raise ModelFormatError(
-                    f"{self.path}: tensor '{name}' rows of {dims[0]} elements are not whole {qtype.name} blocks")
-            n_bytes = n_elems // block * tsize
-            start = data_start + offset
-            if start + n_bytes > size:
-                raise ModelFormatError(
-                    f"{self.path}: file is truncated: tensor '{name}' ends at byte {start + n_bytes} "
-                    f"but the file has {size} bytes")
-            self.tensors[name] = TensorInfo(name, qtype, tuple(int(d) for d in reversed(dims)), start, n_bytes)
+        self.path = os.fspath(path)
+        with map_gguf(self.path) as (mm, size):
+            self.meta, self.tensors = parse_header(mm, self.path, size)
 
     # ---- metadata ----
     @property
     def arch(self) -> str:
-        arch = self.metadata("general.architecture")
-        if arch is None:
-            raise ModelFormatError(f"{self.path}: metadata key 'general.architecture' is missing")
-        return arch
+        return self.require("general.architecture")
 
     def check_arch(self) -> str:
         arch = self.arch
@@ -230,7 +153,8 @@ class GGUFFile:
 
     def metadata(self, key: str, default: Any = None) -> Any:
         """Value of a metadata key (str, number, bool or list), ``default`` if absent."""
-        return self.meta.get(key, default)
+        value = self.meta.get(key, default)
+        return value.tolist() if isinstance(value, np.ndarray) else value
 
     def require(self, key: str) -> Any:
         value = self.metadata(key)
@@ -238,7 +162,7 @@ class GGUFFile:
             raise ModelFormatError(f"{self.path}: metadata key '{key}' is missing")
         return value
 
-    # ---- tensors ----
+    # ---- tensor infos ----
     def has(self, name: str) -> bool:
         return name in self.tensors
 
@@ -253,6 +177,30 @@ class GGUFFile:
                 f"(supported: {', '.join(sorted(t.name for t in SUPPORTED_TYPES))})"
             )
         return info
+
+
+def read_header(path: str | os.PathLike) -> GGUFHeader:
+    """Metadata and tensor infos of a GGUF file, no tensor data (cheap on any model size)."""
+    return GGUFHeader(path)
+
+
+class GGUFFile(GGUFHeader):
+    """An opened, validated GGUF file. Reads metadata and per-rank tensor slices."""
+
+    def __init__(self, path: str | os.PathLike):
+        path = str(path)
+        if not os.path.exists(path):
+            raise ModelFormatError(f"model file not found: {path}")
+        if not os.path.isfile(path):
+            raise ModelFormatError(f"model path is not a file: {path}")
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+        if magic != GGUF_MAGIC:
+            raise ModelFormatError(f"{path}: not a GGUF file (bad magic {magic!r})")
+        super().__init__(path)
+        self._mm: np.memmap = np.memmap(self.path, mode="r")
+        # bytes copied out of the file per tensor name (this process only)
+        self.loaded_bytes: dict[str, int] = {}
 
     def _rows_view(self, info: TensorInfo) -> np.ndarray:
         """The tensor's bytes as a [n_rows, row_bytes] view of the mmap (no copy)."""

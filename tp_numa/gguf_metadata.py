@@ -15,6 +15,7 @@ Numeric arrays come back as numpy arrays, string arrays as lists of ``str``
 """
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
@@ -42,7 +43,8 @@ class _Cursor:
     def take(self, n: int) -> int:
         start = self.pos
         if start + n > len(self.buf):
-            raise ModelFormatError(f"{self.path}: truncated GGUF metadata (needs byte {start + n}, file has {len(self.buf)})")
+            raise ModelFormatError(f"{self.path}: file is truncated inside the GGUF header (needs byte {start + n}, "
+                                   f"the file has {len(self.buf)})")
         self.pos = start + n
         return start
 
@@ -74,7 +76,7 @@ class _Cursor:
         except struct.error:
             pos = end + 1
         if pos > end:
-            raise ModelFormatError(f"{self.path}: truncated GGUF metadata (string array)")
+            raise ModelFormatError(f"{self.path}: file is truncated inside the GGUF header (string array)")
         first, self.pos = self.pos, pos
         if count == 0:
             return []
@@ -109,12 +111,10 @@ class _Cursor:
         raise ModelFormatError(f"{self.path}: unknown GGUF value type {vtype} at byte {self.pos}")
 
 
-def read_metadata(path: str | os.PathLike) -> dict:
-    """Return the GGUF key/value metadata of ``path`` as a dict (key -> value).
-
-    Raises ``ModelFormatError`` naming the file when it is missing, not a GGUF or cut short.
-    """
-    path = os.fspath(path)
+@contextlib.contextmanager
+def map_gguf(path: str):
+    """Yield ``(mmap, size)`` of the file at ``path``, read-only; ``ModelFormatError``
+    naming the file when it cannot be opened or is too short to be a GGUF."""
     try:
         f = open(path, "rb")
     except OSError as e:
@@ -124,20 +124,38 @@ def read_metadata(path: str | os.PathLike) -> dict:
         if size < 24:
             raise ModelFormatError(f"{path}: not a GGUF file (only {size} bytes)")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            if mm[:4] != _MAGIC:
-                raise ModelFormatError(f"{path}: not a GGUF file (bad magic {bytes(mm[:4])!r})")
-            cur = _Cursor(mm, path)
-            cur.take(4)
-            version = cur.unpack("<I")
-            if version not in (2, 3):
-                raise ModelFormatError(f"{path}: unsupported GGUF version {version}")
-            cur.unpack("<Q")  # tensor count: not needed here
-            n_kv = cur.unpack("<Q")
-            meta = {}
-            for _ in range(n_kv):
-                key = cur.string()
-                meta[key] = cur.value(cur.unpack("<I"))
-            return meta
+            yield mm, size
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """Return the GGUF key/value metadata of ``path`` as a dict (key -> value).
+
+    Raises ``ModelFormatError`` naming the file when it is missing, not a GGUF or cut short.
+    """
+    path = os.fspath(path)
+    with map_gguf(path) as (mm, _):
+        return parse_kv(mm, path)[2]
+
+
+def parse_kv(buf, path: str) -> tuple[_Cursor, int, dict]:
+    """Check magic and version, read the key/value section of the GGUF header in ``buf``.
+
+    Returns the cursor (left at the first tensor info), the tensor count and the metadata
+    dict; ``gguf_loader.parse_header`` goes on from there with the tensor infos."""
+    if bytes(buf[:4]) != _MAGIC:
+        raise ModelFormatError(f"{path}: not a GGUF file (bad magic {bytes(buf[:4])!r})")
+    cur = _Cursor(buf, path)
+    cur.take(4)
+    version = cur.unpack("<I")
+    if version not in (2, 3):
+        raise ModelFormatError(f"{path}: unsupported GGUF version {version}")
+    n_tensors = cur.unpack("<Q")
+    n_kv = cur.unpack("<Q")
+    meta = {}
+    for _ in range(n_kv):
+        key = cur.string()
+        meta[key] = cur.value(cur.unpack("<I"))
+    return cur, n_tensors, meta
 
 
 def metadata_from_reader(reader) -> dict:

@@ -33,6 +33,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 
+from .distributed.numa import format_cpulist
 from .errors import ModelFormatError, TpNumaError, UnsupportedError
 from .placement import (PRESETS, Device, Placement, PlacementError, Rule, load_placement_spec,
                         parse_placement)
@@ -352,7 +353,7 @@ def plan_for_file(path, placement: Placement, tp_size: int, **kwargs) -> Plan:
     import os
 
     from .config import ModelConfig
-    from .gguf_header import read_header
+    from .gguf_loader import read_header
 
     f = read_header(path)
     kwargs.setdefault("model_name", os.path.basename(str(path)))
@@ -364,18 +365,6 @@ def _human(n: int) -> str:
         if n >= size:
             return f"{n / size:.2f} {unit}"
     return f"{n} B"
-
-
-def _ranges(values: list[int]) -> str:
-    """[0,1,2,5,7,8] -> '0-2,5,7-8'."""
-    out, i = [], 0
-    while i < len(values):
-        j = i
-        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
-            j += 1
-        out.append(str(values[i]) if i == j else f"{values[i]}-{values[j]}")
-        i = j + 1
-    return ",".join(out)
 
 
 def format_plan(plan: Plan) -> str:
@@ -391,7 +380,7 @@ def format_plan(plan: Plan) -> str:
         layers = [e.layer for e in entries if e.layer is not None]
         label = template + (f"  ({entries[0].note})" if entries[0].note else "")
         cells = [f"{devices[r]} {_human(sum(e.nbytes[r] for e in entries))}" for r in range(plan.tp_size)]
-        rows.append([label, _ranges(layers) if layers else "-"] + cells)
+        rows.append([label, format_cpulist(layers) if layers else "-"] + cells)  # "0-2,5,7-8"
     widths = [max(len(str(row[c])) for row in rows + [header]) for c in range(len(header))]
 
     def line(row):

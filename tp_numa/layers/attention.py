@@ -123,8 +123,8 @@ class Attention(nn.Module):
             self._native_ok = bool(self.use_native) or attention_ops.available()
         return self._native_ok
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> torch.Tensor:
-        """q [T, n_heads, D], k/v [T, n_kv, D] at positions start_pos..start_pos+T-1 -> [T, n_heads*D]."""
+    def _check_call(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> int:
+        """Checks the cache exists, the positions fit it and the shapes match; returns T."""
         if self.k_cache is None:
             raise TpNumaError(f"layer {self.layer_idx}: setup_cache() was not called before forward()")
         T = q.shape[0]
@@ -136,6 +136,11 @@ class Attention(nn.Module):
                 or v.shape != k.shape:
             raise ValueError(f"layer {self.layer_idx}: bad shapes q {tuple(q.shape)} k {tuple(k.shape)} "
                              f"v {tuple(v.shape)} for heads {self.n_heads}/{self.n_kv_heads} x {self.head_dim}")
+        return T
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """q [T, n_heads, D], k/v [T, n_kv, D] at positions start_pos..start_pos+T-1 -> [T, n_heads*D]."""
+        T = self._check_call(q, k, v, start_pos)
         if T == 1 and self._native(q):
             return self._native_decode(q, k, v, start_pos)
         native = self._native(q)

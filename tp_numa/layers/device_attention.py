@@ -103,17 +103,7 @@ class DeviceAttention(Attention):
     # ---- attention ----
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> torch.Tensor:
         """q [T, n_heads, D], k/v [T, n_kv, D] (CPU) at positions start_pos.. -> float32 [T, n_heads*D] (CPU)."""
-        if self.k_cache is None:
-            raise TpNumaError(f"layer {self.layer_idx}: setup_cache() was not called before forward()")
-        T = q.shape[0]
-        if start_pos < 0 or start_pos + T > self.max_seq_len:
-            raise TpNumaError(
-                f"positions {start_pos}..{start_pos + T - 1} exceed the context size {self.max_seq_len} "
-                "(raise the context size, e.g. -c / --ctx-size)")
-        if q.shape[1:] != (self.n_heads, self.head_dim) or k.shape != (T, self.n_kv_heads, self.head_dim) \
-                or v.shape != k.shape:
-            raise ValueError(f"layer {self.layer_idx}: bad shapes q {tuple(q.shape)} k {tuple(k.shape)} "
-                             f"v {tuple(v.shape)} for heads {self.n_heads}/{self.n_kv_heads} x {self.head_dim}")
+        T = self._check_call(q, k, v, start_pos)
         end = start_pos + T
         qd = self._upload("q", q)
         self.k_cache[start_pos:end] = self._upload("k", k)
