@@ -124,7 +124,7 @@ class MergedColumnParallelLinear(LinearBase):
         """x [T, input_size] -> [T, sum(local_sizes)] (this rank's outputs only)."""
         y = self._matmul(x)
         if self.bias is not None:
-            y = y + self.bias
+            y.add_(self.bias)          # y is fresh (matmul output): add in place
         return y
 
 
@@ -157,12 +157,14 @@ class QKVParallelLinear(MergedColumnParallelLinear):
              (shard.kv[0] * hd, shard.kv[1] * hd)],
             bias,
         )
+        self.local_heads = [n // hd for n in self.local_sizes]     # n_q, n_kv, n_kv
 
     def split(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[T, (n_q + 2 n_kv) hd] -> q [T, n_q, hd], k [T, n_kv, hd], v [T, n_kv, hd]."""
-        T, hd = y.shape[0], self.head_dim
-        q, k, v = torch.split(y, self.local_sizes, dim=1)
-        return q.reshape(T, -1, hd), k.reshape(T, -1, hd), v.reshape(T, -1, hd)
+        # one view to heads, then one split along the head dim (views of y, no copies;
+        # y is the layer's fresh contiguous output)
+        q, k, v = y.view(y.shape[0], -1, self.head_dim).split_with_sizes(self.local_heads, dim=1)
+        return q, k, v
 
 
 class RowParallelLinear(LinearBase):
@@ -206,5 +208,5 @@ class RowParallelLinear(LinearBase):
 
             communicator.all_reduce(y)
         if self.bias is not None:
-            y = y + self.bias
+            y.add_(self.bias)          # y is fresh (matmul output): add in place
         return y

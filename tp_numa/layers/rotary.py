@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import fused_path
+
 
 class RotaryEmbedding(nn.Module):
     def __init__(self, rope_dim: int, base: float, style: str, scale: float = 1.0,
@@ -39,8 +41,19 @@ class RotaryEmbedding(nn.Module):
         ang = pos[:, None] * self.inv_freq[None, :]
         return ang.cos().float(), ang.sin().float()
 
+    def rotate_(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Like ``forward`` but may overwrite x: float32 CPU x [T, H, D] whose heads and dims
+        are contiguous (e.g. a view of the fused qkv output) is rotated in place by one
+        native call and returned; anything else goes through ``forward`` (a new tensor)."""
+        if (x.dim() == 3 and x.stride(2) == 1 and (x.shape[1] == 1 or x.stride(1) == x.shape[2])
+                and x.dtype == torch.float32 and x.device.type == "cpu" and fused_path.applies(cos, sin)):
+            from .. import fused_ops
+
+            return fused_ops.rope_(x, cos, sin, self.style == "neox")
+        return self.forward(x, cos, sin)
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [T, H, D] -> rotated [T, H, D]; cos/sin [T, rope_dim/2] from ``cos_sin``."""
+        """x [T, H, D] -> rotated [T, H, D] (a new tensor); cos/sin [T, rope_dim/2] from ``cos_sin``."""
         rd = self.rope_dim
         rot, rest = x[..., :rd], x[..., rd:]
         c, s = cos[:, None, :], sin[:, None, :]                  # (T, 1, rd/2)

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..gguf_loader import GGUFFile
+from ..layers import fused_path
 from ..layers.norm import RMSNorm
 from ..layers.partition import LayerPartition
 from ..layers.rotary import RotaryEmbedding
@@ -47,9 +48,20 @@ class Gemma3DecoderLayer(nn.Module):
         self.post_feedforward_layernorm.load_gguf(f, prefix + "post_ffw_norm.weight")
 
     def forward(self, x: torch.Tensor, start_pos: int, cos_sin) -> torch.Tensor:
-        """x [T, d] -> [T, d]."""
-        h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), start_pos, cos_sin))
-        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        """x [T, d] -> [T, d]; x itself is left unchanged."""
+        a = self.self_attn(self.input_layernorm(x), start_pos, cos_sin)   # fresh (T, d)
+        post, pre, post_ff = self.post_attention_layernorm, self.pre_feedforward_layernorm, \
+            self.post_feedforward_layernorm
+        if fused_path.applies(a, x, post.weight, pre.weight):
+            from .. import fused_ops
+
+            # h = x + post(a) into a fresh copy of x (x is the caller's); y = pre(h)
+            h = x.clone()
+            y = fused_ops.add_rms_norm_(h, a, pre.weight, pre.eps, x_weight=post.weight)
+            m = self.mlp(y)
+            return h.add_(post_ff(m))
+        h = x + post(a)
+        return h + post_ff(self.mlp(pre(h)))
 
 
 class Gemma3Model(DecoderModel):

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..gguf_loader import GGUFFile
+from ..layers import fused_path
 from ..layers.attention import Attention
 from ..layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from ..layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -69,8 +70,9 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv_proj.split(self.qkv_proj(x))     # (T, n_q, hd), (T, n_kv, hd), (T, n_kv, hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)             # per-head RMSNorm over hd
-        q = self.rotary_emb(q, *cos_sin)
-        k = self.rotary_emb(k, *cos_sin)
+        # in place where possible: q and k are views of the fresh qkv output (or norm outputs)
+        q = self.rotary_emb.rotate_(q, *cos_sin)
+        k = self.rotary_emb.rotate_(k, *cos_sin)
         if self.kv_expand is not None:
             k, v = k[:, self.kv_expand], v[:, self.kv_expand]   # (T, n_q, hd)
         out = self.attn(q, k, v, start_pos)                   # (T, n_q * hd)
@@ -85,6 +87,9 @@ class MLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(cfg.d_model, [cfg.ffn_dim, cfg.ffn_dim], [ffn_range, ffn_range])
         self.down_proj = RowParallelLinear(cfg.ffn_dim, cfg.d_model, in_range=ffn_range, tp_size=tp_size)
         self.act = cfg.ffn_act
+        # act_mul needs [gate | up] halves of equal width (always so: same range of both)
+        gs, us = self.gate_up_proj.local_sizes
+        self._fusable = gs == us
 
     def load_gguf(self, f: GGUFFile, prefix: str) -> None:
         self.gate_up_proj.load_gguf(f, [prefix + "ffn_gate.weight", prefix + "ffn_up.weight"])
@@ -92,7 +97,12 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, d] -> [T, d] (summed over ranks by down_proj)."""
-        gate, up = torch.split(self.gate_up_proj(x), self.gate_up_proj.local_sizes, dim=1)   # (T, f_r) each
+        gu = self.gate_up_proj(x)                                # (T, 2 f_r) = [gate | up]
+        if self._fusable and fused_path.applies(gu):
+            from .. import fused_ops
+
+            return self.down_proj(fused_ops.act_mul(gu, self.act == "gelu_tanh"))
+        gate, up = torch.split(gu, self.gate_up_proj.local_sizes, dim=1)   # (T, f_r) each
         if self.act == "gelu_tanh":
             hidden = F.gelu(gate, approximate="tanh") * up
         else:
@@ -118,8 +128,16 @@ class DecoderLayer(nn.Module):
         self.mlp.load_gguf(f, prefix)
 
     def forward(self, x: torch.Tensor, start_pos: int, cos_sin) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), start_pos, cos_sin)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        """x [T, d] -> [T, d]; x itself is left unchanged."""
+        a = self.self_attn(self.input_layernorm(x), start_pos, cos_sin)   # fresh (T, d)
+        ln = self.post_attention_layernorm
+        if fused_path.applies(a, x, ln.weight):
+            from .. import fused_ops
+
+            y = fused_ops.add_rms_norm_(a, x, ln.weight, ln.eps)         # a <- h = x + attn, y = norm(h)
+            return self.mlp(y).add_(a)
+        h = x + a
+        return h + self.mlp(ln(h))
 
 
 class DecoderModel(nn.Module):
