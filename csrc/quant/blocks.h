@@ -3,6 +3,7 @@
 // GGUF format; sizes are pinned by static_asserts so a typo cannot silently shift a field.
 #pragma once
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 
 namespace tp_numa::quant {
@@ -40,7 +41,9 @@ static_assert(sizeof(BlockQ5_K) == 176, "Q5_K block");
 static_assert(sizeof(BlockQ6_K) == 210, "Q6_K block");
 static_assert(sizeof(BlockIQ4_XS) == 136, "IQ4_XS block");
 
-// Activation row quantized for 32-element weight blocks: x[i] ~= d * qs[i], d = amax/127.
+// Activation row quantized for 32-element weight blocks: x[i] ~= d * qs[i]. Mirrors ggml's
+// block_q8_0 as its x86 quantize_row_q8_0 makes it: qs = round_half_even(x * (127/amax)),
+// d = amax/127 rounded to half precision (ggml stores d as fp16), kept here as a float.
 // s = d * sum(qs) serves the offset terms (Q4_0's -8, Q5_0's -16, Q4_1/Q5_1's +m), so the
 // integer dot can multiply unsigned weight codes directly: sum((q-8)*a) = sum(q*a) - 8*sum(a).
 struct BlockQ8A { float d; float s; int8_t qs[QK]; };
@@ -48,6 +51,8 @@ static_assert(sizeof(BlockQ8A) == 40, "Q8A block");
 
 // Activation row quantized for 256-element super-blocks (ggml's Q8_K): x ~= d * qs, and
 // bsums[j] = sum of qs over elements 16j..16j+15, for the per-sub-block min/offset terms.
+// As ggml's quantize_row_q8_K: iscale = 127/amax (ggml: -127/max, the same up to the sign
+// of qs and d), qs = round_half_even(x * iscale), d = 1/iscale in float.
 struct BlockQ8K { float d; int8_t qs[QK_K]; int16_t bsums[QK_K / 16]; };
 static_assert(sizeof(BlockQ8K) == 292, "Q8K block");
 
@@ -76,6 +81,28 @@ inline float f16_to_f32(f16_t h) {
     std::memcpy(&f, &bits, 4);
     return f;
 }
+
+// Portable float -> half, round to nearest even (what F16C's vcvtps2ph with imm 0 and
+// ggml's GGML_FP32_TO_FP16 do): the activation quantizers round their scale through it.
+inline f16_t f32_to_f16(float f) {
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000u;
+    const uint32_t ax = x & 0x7fffffffu;
+    if (ax > 0x7f800000u) return f16_t(sign | 0x7e00u);  // nan
+    if (ax >= 0x477ff000u) return f16_t(sign | 0x7c00u);  // >= 65520 (and inf) -> inf
+    if (ax < 0x38800000u) {  // below 2^-14: half subnormal, units of 2^-24
+        float a;
+        std::memcpy(&a, &ax, 4);
+        return f16_t(sign | uint32_t(int(std::nearbyint(a * 16777216.f))));  // exact scaling
+    }
+    const uint32_t h = ax - 0x38000000u;  // rebias 127 -> 15 (mantissa still 23 bits)
+    // round the 13 dropped bits to nearest even; a carry correctly bumps the exponent
+    return f16_t(sign | ((h + 0x0fffu + ((h >> 13) & 1u)) >> 13));
+}
+
+// x rounded to the nearest half, as a float.
+inline float round_to_f16(float x) { return f16_to_f32(f32_to_f16(x)); }
 
 inline float bf16_to_f32(uint16_t h) {
     const uint32_t bits = uint32_t(h) << 16;

@@ -19,13 +19,16 @@ namespace {
 
 // ---- activation quantizers ----
 
+// Both mirror ggml's x86 activation quantizers bit for bit (see BlockQ8A / BlockQ8K in
+// blocks.h): the scale is 127/amax, rounding is to nearest even (the default FP mode, as
+// vroundps in the SIMD versions), and Q8A's d is rounded to half precision.
 void quantize_q8a(const float* x, int64_t K, void* out) {
     auto* b = static_cast<BlockQ8A*>(out);
     for (int64_t i = 0; i < K / QK; ++i, x += QK) {
         float amax = 0.f;
         for (int j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(x[j]));
-        const float d = amax / 127.f;
-        const float id = d > 0.f ? 1.f / d : 0.f;
+        const float d = round_to_f16(amax / 127.f);
+        const float id = amax != 0.f ? 127.f / amax : 0.f;
         int sum = 0;
         for (int j = 0; j < QK; ++j) {
             const int q = int(std::nearbyint(x[j] * id));
@@ -42,15 +45,14 @@ void quantize_q8k(const float* x, int64_t K, void* out) {
     for (int64_t i = 0; i < K / QK_K; ++i, x += QK_K) {
         float amax = 0.f;
         for (int j = 0; j < QK_K; ++j) amax = std::max(amax, std::fabs(x[j]));
-        const float d = amax / 127.f;
-        const float id = d > 0.f ? 1.f / d : 0.f;
-        for (int j = 0; j < QK_K; ++j) b[i].qs[j] = int8_t(int(std::nearbyint(x[j] * id)));
+        const float id = amax != 0.f ? 127.f / amax : 0.f;
+        for (int j = 0; j < QK_K; ++j) b[i].qs[j] = int8_t(std::min(127, int(std::nearbyint(x[j] * id))));
         for (int g = 0; g < QK_K / 16; ++g) {
             int s = 0;
             for (int j = 0; j < 16; ++j) s += b[i].qs[16 * g + j];
             b[i].bsums[g] = int16_t(s);
         }
-        b[i].d = d;
+        b[i].d = amax != 0.f ? 1.f / id : 0.f;
     }
 }
 

@@ -64,11 +64,13 @@ inline __m256i quant32(const float* x, __m256 id, int* s16) {
     return _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
+// Bit-identical to the scalar quantizers (scalar.cpp), which mirror ggml's.
 inline void quantize_q8a(const float* x, int64_t K, void* out) {
     auto* b = static_cast<BlockQ8A*>(out);
     for (int64_t i = 0; i < K / QK; ++i, x += QK) {
-        const float d = absmax(x, QK) / 127.f;
-        const float id = d > 0.f ? 1.f / d : 0.f;
+        const float amax = absmax(x, QK);
+        const float d = round_to_f16(amax / 127.f);
+        const float id = amax != 0.f ? 127.f / amax : 0.f;
         int s[2];
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(b[i].qs), quant32(x, _mm256_set1_ps(id), s));
         b[i].d = d;
@@ -79,15 +81,16 @@ inline void quantize_q8a(const float* x, int64_t K, void* out) {
 inline void quantize_q8k(const float* x, int64_t K, void* out) {
     auto* b = static_cast<BlockQ8K*>(out);
     for (int64_t i = 0; i < K / QK_K; ++i, x += QK_K) {
-        const float d = absmax(x, QK_K) / 127.f;
-        const __m256 id = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
+        const float amax = absmax(x, QK_K);
+        const float id = amax != 0.f ? 127.f / amax : 0.f;
+        const __m256 idv = _mm256_set1_ps(id);
         for (int c = 0; c < QK_K / 32; ++c) {
             int s[2];
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(b[i].qs + 32 * c), quant32(x + 32 * c, id, s));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(b[i].qs + 32 * c), quant32(x + 32 * c, idv, s));
             b[i].bsums[2 * c] = int16_t(s[0]);
             b[i].bsums[2 * c + 1] = int16_t(s[1]);
         }
-        b[i].d = d;
+        b[i].d = amax != 0.f ? 1.f / id : 0.f;
     }
 }
 
