@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tp_numa
-from golden import load_golden
+from golden import greedy_verdict, load_golden
 from tp_numa.errors import TpNumaError
 
 MODELS = ("qwen2.5-coder-0.5b", "gemma3-270m")
@@ -40,23 +40,23 @@ def test_model_is_plain_modules(loaded):
 
 def test_greedy_equals_llama_cpp(loaded):
     """Issue 2: the first 16 greedy tokens equal llama.cpp's on >= 7 of 8 prompts; a
-    mismatch is only acceptable at a near tie (small top-2 margin in llama.cpp)."""
+    prompt whose first difference is a llama.cpp near tie (golden.greedy_verdict) counts
+    as equal. Matching prompts must also give llama.cpp's text."""
     name, llm, g = loaded
     eog = set(g["eog_ids"])
-    matched, report = 0, []
+    good, report = 0, []
     for case in g["greedy"]:
         assert llm.prompt_ids(case["prompt"]) == case["prompt_ids"], case["prompt"]
         text = llm.generate(case["prompt"], N_GREEDY, temperature=0)
         ours = llm.last_stats.token_ids
         ref = until_eog(case["ids"][:N_GREEDY], eog)
-        if ours == ref:
-            matched += 1
+        verdict, step = greedy_verdict(ours, ref, case["top2_margin"])
+        if verdict == "equal":
             assert text == llm.tokenizer.decode(ref)
-        else:
-            first = next(i for i in range(min(len(ours), len(ref)) + 1)
-                         if i >= len(ours) or i >= len(ref) or ours[i] != ref[i])
-            report.append((case["prompt"], first, case["top2_margin"][first] if first < len(case["top2_margin"]) else None))
-    assert matched >= 7, f"{name}: {matched}/8 greedy continuations match; first mismatches {report}"
+        good += verdict != "different"
+        report.append((case["prompt"][:30], verdict, step))
+    print(name, report)
+    assert good >= 7, f"{name}: {good}/8 greedy continuations match; {report}"
 
 
 def test_stream_pieces_join_to_generate(loaded):

@@ -6,7 +6,7 @@ scripts/make_golden.py with llama-cpp-python):
   llama.cpp's favourite leads its runner-up by more than 0.3 nats;
 - greedy: the first 16 tokens equal llama.cpp's on at least 7 of the 8 prompts, where a
   prompt whose first difference falls on a near tie of llama.cpp (its recorded top-2
-  margin < NEAR_TIE nats at that step) also counts as equal: there any change of
+  margin < golden.NEAR_TIE nats at that step) also counts as equal: there any change of
   numerics may flip the choice (llama.cpp with flash attention on parts from its own
   golden data at a 0.049-nat tie on gemma3-270m), and the continuation after a different
   token is no longer comparable.
@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from golden import kl_and_top1, load_golden
+from golden import greedy_verdict, kl_and_top1, load_golden
 from tp_numa.models import load_model
 
 FIXTURE = {"qwen2.5-coder-0.5b": "qwen_path", "gemma3-270m": "gemma_path"}
@@ -31,7 +31,6 @@ GREEDY_TOKENS = 16
 # llama.cpp's own agreement; confident positions must still agree >= 98 % (below).
 TOP1_MIN = {"qwen2.5-coder-0.5b": 0.98, "gemma3-270m": 0.93}
 CONFIDENT_GAP = 0.3     # nats between llama.cpp's top-1 and top-2
-NEAR_TIE = 0.25         # nats; observed gemma3 divergences: 0.05 - 0.16
 
 
 @pytest.fixture(scope="module", params=list(FIXTURE))
@@ -86,15 +85,9 @@ def test_greedy_matches_llama_cpp(loaded):
                 want = want[: i + 1]
                 break
         got = _greedy(model, case["prompt_ids"], len(want))
-        first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
-        if first is None:
-            verdict = "equal"
-        elif case["top2_margin"][first] < NEAR_TIE:
-            verdict = f"near tie at step {first} ({case['top2_margin'][first]:.3f} nats)"
-        else:
-            verdict = f"DIFFERENT at step {first} (llama.cpp margin {case['top2_margin'][first]:.3f} nats)"
-        good += not verdict.startswith("DIFFERENT")
-        report.append((case["prompt"][:30], verdict))
+        verdict, step = greedy_verdict(got, want, case["top2_margin"])
+        good += verdict != "different"
+        report.append((case["prompt"][:30], verdict, step))
     print(name, report)
     assert len(g["greedy"]) == 8
     assert good >= 7, f"{name}: {good}/8 prompts match llama.cpp's first {GREEDY_TOKENS} greedy tokens: {report}"
