@@ -177,15 +177,19 @@ def _agree_on_failure(rank: int, primary: bool, message: str, wait_s: float):
 
     Completes only if every rank reaches ``fail()`` within ``wait_s`` (an error all ranks
     hit at the same point). Returns the list of (primary, message) per rank, or None.
+    A rank that gave up waiting has already acted alone (printed, or left quietly), but
+    its contribution may still complete the collective for late ranks (a stopped peer
+    that is resumed, say): so the posting times travel along, and a gathering whose
+    posts lie more than ``wait_s`` apart does not count as an agreement.
     """
     import numpy as np
-    from mpi4py import MPI
 
     size = _fail_comm.Get_size()
     mine = np.zeros(_FAIL_MSG_BYTES, dtype=np.uint8)
-    data = message.encode("utf-8", "replace")[: _FAIL_MSG_BYTES - 1]
+    data = message.encode("utf-8", "replace")[: _FAIL_MSG_BYTES - 9]
     mine[0] = 1 if primary else 0
-    mine[1 : 1 + len(data)] = np.frombuffer(data, dtype=np.uint8)
+    mine[1:9] = np.frombuffer(np.float64(time.time()).tobytes(), dtype=np.uint8)
+    mine[9 : 9 + len(data)] = np.frombuffer(data, dtype=np.uint8)
     everyone = np.zeros((size, _FAIL_MSG_BYTES), dtype=np.uint8)
     request = _fail_comm.Iallgather(mine, everyone)
     deadline = time.monotonic() + wait_s
@@ -193,9 +197,12 @@ def _agree_on_failure(rank: int, primary: bool, message: str, wait_s: float):
         if time.monotonic() > deadline:
             return None  # someone is elsewhere; the request is abandoned with the job
         time.sleep(0.002)
+    posted = [float(np.frombuffer(bytes(row[1:9]), dtype=np.float64)[0]) for row in everyone]
+    if max(posted) - min(posted) > wait_s:
+        return None  # an early rank gave up on this agreement and acted alone
     out = []
     for row in everyone:
-        text = bytes(row[1:]).split(b"\0", 1)[0].decode("utf-8", "replace")
+        text = bytes(row[9:]).split(b"\0", 1)[0].decode("utf-8", "replace")
         out.append((bool(row[0]), text))
     return out
 
