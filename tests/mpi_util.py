@@ -40,3 +40,18 @@ def run_mpi(np_: int, script: str, *args: str, env: dict | None = None, timeout:
     cmd += list(extra or [])
     cmd += [sys.executable, str(SCRIPTS / script), *args]
     return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def split_and_replicated_bytes(f, cfg, tp: int) -> tuple[int, int]:
+    """(bytes of split tensors, bytes of replicated tensors) of a GGUF at tensor parallel
+    ``tp``, by the sharding table (DESIGN.md): vectors (norms, biases) are replicated, so
+    are the K/V projections once tp > n_kv_heads; every other matrix (q, o, ffn,
+    embedding / LM head rows) is split. A rank should hold split / tp + replicated."""
+    split = replicated = 0
+    for name, info in f.tensors.items():
+        kv = name.endswith(("attn_k.weight", "attn_v.weight"))
+        if len(info.shape) == 1 or (kv and tp > cfg.n_kv_heads):
+            replicated += info.n_bytes
+        else:
+            split += info.n_bytes
+    return split, replicated

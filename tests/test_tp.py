@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
 
-from mpi_util import mpirun_or_skip
+from mpi_util import mpirun_or_skip, split_and_replicated_bytes
 from synthetic_gguf import Spec, gemma3_spec, write_model
 
 HERE = Path(__file__).resolve().parent
@@ -121,16 +121,8 @@ def test_unsplittable_tensor_fails_on_every_rank(tmp_path):
 
 
 def _expected_bytes(f, cfg, tp: int) -> float:
-    """(1/tp of the split weights + the replicated ones), by the sharding table: vectors
-    (norms, biases) are replicated, K/V projections too once tp > n_kv_heads; every
-    other weight (q, output, ffn, embedding / LM head rows) is split."""
-    split = replicated = 0
-    for name, info in f.tensors.items():
-        kv = name.endswith(("attn_k.weight", "attn_v.weight"))
-        if len(info.shape) == 1 or (kv and tp > cfg.n_kv_heads):
-            replicated += info.n_bytes
-        else:
-            split += info.n_bytes
+    """1/tp of the split weights + the replicated ones (mpi_util.split_and_replicated_bytes)."""
+    split, replicated = split_and_replicated_bytes(f, cfg, tp)
     return split / tp + replicated
 
 

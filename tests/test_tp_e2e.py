@@ -65,6 +65,7 @@ import numpy as np
 import pytest
 
 import tp_e2e_helpers as H
+from mpi_util import split_and_replicated_bytes
 from golden import load_golden
 
 pytestmark = [pytest.mark.slow, pytest.mark.mpi,
@@ -163,19 +164,12 @@ def _expected_rank_bytes(path, tp: int) -> tuple[float, int]:
     """(1/tp of the split weights + the replicated ones, all tensor bytes) from the GGUF
     by the sharding table (DESIGN.md): vectors (norms, biases) are replicated, so are the
     K/V projections once tp > n_kv_heads; every other matrix (q, o, ffn, embedding / LM
-    head rows) is split."""
+    head rows) is split: mpi_util.split_and_replicated_bytes."""
     from tp_numa.config import ModelConfig
     from tp_numa.gguf_loader import open_gguf
 
     f = open_gguf(path)
-    cfg = ModelConfig.from_gguf(f)
-    split = replicated = 0
-    for name, info in f.tensors.items():
-        kv = name.endswith(("attn_k.weight", "attn_v.weight"))
-        if len(info.shape) == 1 or (kv and tp > cfg.n_kv_heads):
-            replicated += info.n_bytes
-        else:
-            split += info.n_bytes
+    split, replicated = split_and_replicated_bytes(f, ModelConfig.from_gguf(f), tp)
     return split / tp + replicated, split + replicated
 
 
