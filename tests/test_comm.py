@@ -89,7 +89,7 @@ def test_opcheck_on_one_rank_group():
     torch.ops.tp_numa.shm_attach(h)
     torch.ops.tp_numa.shm_unlink(h)
     try:
-        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             torch.library.opcheck(torch.ops.tp_numa.shm_all_reduce.default, (torch.randn(33).to(dtype), h))
         torch.library.opcheck(torch.ops.tp_numa.shm_broadcast.default, (torch.randn(5, 3), h, 0))
         x = torch.randn(4, 3)

@@ -11,6 +11,8 @@ Tolerances (why they are what they are):
   per-type ``RMS_TOL`` (it is what a user sees; it is larger for 256-blocks, whose single
   activation scale per 256 elements is coarser).
 - SIMD vs scalar: same integer sums, only float summation order differs.
+- ``quant_matmul_exact`` (float64 sums of per-block fp32 terms, for row-parallel layers):
+  the same oracle bounds, and bitwise invariance under any split of K into block ranges.
 K-quants and IQ4 types cannot be quantized by gguf-py: their weights are random blocks
 with finite, modest scales.
 """
@@ -75,12 +77,18 @@ def act_error_bound(qtype: T, x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return half_step @ np.abs(w).T
 
 
-def check(qtype: T, m: int, n: int, k: int, isa: str, seed: int = 0, dtype=torch.float32) -> None:
+def check(qtype: T, m: int, n: int, k: int, isa: str, seed: int = 0, dtype=torch.float32,
+          exact: bool = False) -> None:
     rng = np.random.default_rng(seed + 1000 * int(qtype) + m + n + k)
     raw, w = make_weight(qtype, n, k, rng)
     x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32)).to(dtype)
     ops.set_kernel_isa(isa)
-    y = ops.quant_matmul(x, torch.from_numpy(raw), int(qtype))
+    if exact:
+        y = ops.quant_matmul_exact(x, torch.from_numpy(raw), int(qtype))
+        assert y.shape == (m, n) and y.dtype == torch.float64
+        y = y.to(dtype)
+    else:
+        y = ops.quant_matmul(x, torch.from_numpy(raw), int(qtype))
     assert y.shape == (m, n) and y.dtype == dtype
     xd = x.double().numpy()
     ref = xd @ w.T
@@ -115,6 +123,66 @@ def test_matches_oracle(qtype, m, isa):
     for i, k in enumerate(ks(qtype)):
         for n in (1, 16, 33):
             check(qtype, m, n + i, k, isa)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m", [1, 7])
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+def test_exact_matches_oracle(qtype, m, isa):
+    for i, k in enumerate(ks(qtype)):
+        check(qtype, m, 33 + i, k, isa, exact=True)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+def test_exact_is_split_invariant(qtype, isa):
+    """Row-parallel shards: for every split of K into block ranges (2 and 3 ranks, uneven,
+    at every boundary), the float64 sum of the shards' exact products rounds to the same
+    float32 as the whole product, for GEMV (M=1) and prefill tiles (M=6), long rows (the
+    4-rows-at-once kernels) and short ones, and any thread count."""
+    blk = max(GGML_QUANT_SIZES[qtype][0], 32)
+    ops.set_kernel_isa(isa)
+    old = torch.get_num_threads()
+    try:
+        for nblocks in (7, 40):
+            k = nblocks * blk
+            rng = np.random.default_rng(int(qtype) + nblocks)
+            raw, _ = make_weight(qtype, 37, k, rng)
+            w = torch.from_numpy(raw)
+            bpb = raw.shape[1] // (k // GGML_QUANT_SIZES[qtype][0]) * (blk // GGML_QUANT_SIZES[qtype][0])
+            x = torch.from_numpy(rng.standard_normal((6, k)).astype(np.float32))
+            for m in (1, 6):
+                full = ops.quant_matmul_exact(x[:m], w, int(qtype)).float()
+                cuts_list = [[0, c, nblocks] for c in range(1, nblocks)] + [[0, 2, nblocks - 3, nblocks]]
+                for threads, cuts in enumerate(cuts_list):
+                    torch.set_num_threads(1 + threads % 2)
+                    total = torch.zeros(m, 37, dtype=torch.float64)
+                    for a, b in zip(cuts, cuts[1:]):
+                        total += ops.quant_matmul_exact(x[:m, a * blk:b * blk].contiguous(),
+                                                        w[:, a * bpb:b * bpb].contiguous(), int(qtype))
+                    assert torch.equal(total.float(), full), f"{qtype.name} {isa} K={k} M={m} cuts {cuts}"
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["fast", "exact"])
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+def test_row_result_independent_of_row_range(qtype, exact):
+    """Column-parallel shards: a weight row gives bitwise the same output whether it is
+    computed in the whole matrix or in a row range starting anywhere (the GEMV kernels
+    group rows by 4 from the range start; the result must not depend on the grouping)."""
+    fn = ops.quant_matmul_exact if exact else ops.quant_matmul
+    rng = np.random.default_rng(40 + int(qtype))
+    for k in (4096, 256):                       # long rows (4 at once) and short ones
+        if GGML_QUANT_SIZES[qtype][0] > k:
+            continue
+        raw, _ = make_weight(qtype, 23, k, rng)
+        w = torch.from_numpy(raw)
+        x = torch.from_numpy(rng.standard_normal((3, k)).astype(np.float32))
+        for m in (1, 3):
+            full = fn(x[:m], w, int(qtype))
+            for r0, r1 in ((1, 23), (3, 10), (5, 6)):
+                assert torch.equal(fn(x[:m], w[r0:r1], int(qtype)), full[:, r0:r1]), f"{qtype.name} K={k} M={m} rows {r0}:{r1}"
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -224,6 +292,16 @@ def test_opcheck(qtype):
     raw, _ = make_weight(qtype, 9, 2 * blk, rng)
     x = torch.from_numpy(rng.standard_normal((3, 2 * blk)).astype(np.float32))
     torch.library.opcheck(torch.ops.tp_numa.quant_matmul.default, (x, torch.from_numpy(raw), int(qtype)),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+@pytest.mark.parametrize("qtype", [T.Q5_0, T.Q6_K, T.F16], ids=lambda t: t.name)
+def test_opcheck_exact(qtype):
+    rng = np.random.default_rng(8)
+    blk = max(GGML_QUANT_SIZES[qtype][0], 32)
+    raw, _ = make_weight(qtype, 9, 2 * blk, rng)
+    x = torch.from_numpy(rng.standard_normal((3, 2 * blk)).astype(np.float32))
+    torch.library.opcheck(torch.ops.tp_numa.quant_matmul_exact.default, (x, torch.from_numpy(raw), int(qtype)),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 

@@ -87,6 +87,17 @@ def quant_matmul(x: torch.Tensor, w: torch.Tensor, qtype: int) -> torch.Tensor:
     return torch.ops.tp_numa.quant_matmul(x, w, int(qtype))
 
 
+def quant_matmul_exact(x: torch.Tensor, w: torch.Tensor, qtype: int) -> torch.Tensor:
+    """Like ``quant_matmul`` but float64 [M, N] and independent of how K is split.
+
+    ``y[m, n] = sum_b t(m, n, b)`` summed in float64 in block order, where ``t`` is the
+    kernel's fp32 product of one weight block with one activation block. So for block
+    ranges ``K = K_0 + K_1 + ...`` the float64 sum of the ranges' results rounds to the same
+    float32 as the whole product: what makes tensor parallel row splits reproduce tp=1.
+    """
+    return torch.ops.tp_numa.quant_matmul_exact(x, w, int(qtype))
+
+
 def kernel_isa() -> str:
     """The kernel variant in use: 'avx512vnni', 'avx512', 'avx2' or 'scalar'."""
     return torch.ops.tp_numa.kernel_isa()
@@ -115,6 +126,11 @@ def _register_fakes() -> None:
     def _quant_matmul_fake(x, w, qtype):
         torch._check(x.dim() == 2 and w.dim() == 2, lambda: "quant_matmul: x and w must be 2-D")
         return x.new_empty((x.shape[0], w.shape[0]))
+
+    @torch.library.register_fake("tp_numa::quant_matmul_exact")
+    def _quant_matmul_exact_fake(x, w, qtype):
+        torch._check(x.dim() == 2 and w.dim() == 2, lambda: "quant_matmul_exact: x and w must be 2-D")
+        return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float64)
 
 
 load_extension()

@@ -58,6 +58,8 @@ Geometry check_kv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     v.data_ptr()};
 }
 
+constexpr int64_t kDecodeChunk = 256;
+
 }  // namespace
 
 at::Tensor attn_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t n_keys,
@@ -67,14 +69,13 @@ at::Tensor attn_decode(const at::Tensor& q, const at::Tensor& k, const at::Tenso
     const attn::Kernels& kern = kernels();
     const int G = g.group(), D = g.head_dim;
 
-    // Chunks per KV head: enough items for every thread (2 per thread for balance), chunks
-    // of >= 64 keys (shorter ones cost more in merging than they save) and <= 512 keys (the
-    // scores stay in L1/L2).
-    const int64_t threads = at::get_num_threads();
-    int64_t n_chunks = std::min<int64_t>((n_keys + 63) / 64, (2 * threads + g.n_kv - 1) / g.n_kv);
-    n_chunks = std::max<int64_t>({n_chunks, (n_keys + 511) / 512, 1});
-    const int64_t chunk = (n_keys + n_chunks - 1) / n_chunks;
-    n_chunks = (n_keys + chunk - 1) / chunk;
+    // Chunks of kDecodeChunk keys, a constant: the split (and so the rounding of the merged
+    // result) depends only on n_keys, never on the thread count or on how many KV heads this
+    // rank holds, so tp=N reproduces tp=1 bit for bit and so does any --threads. 256 keys
+    // keep a chunk's scores in L1 and give every thread items from ~1k keys of context on;
+    // below that attention is a small share of a decode step.
+    const int64_t chunk = std::min<int64_t>(kDecodeChunk, std::max<int64_t>(n_keys, 1));
+    const int64_t n_chunks = std::max<int64_t>(1, (n_keys + chunk - 1) / chunk);
     const int64_t items = g.n_kv * n_chunks;
 
     // uninitialised on purpose: every item writes its m, l, acc and scores before reading them

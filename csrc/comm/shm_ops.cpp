@@ -26,7 +26,8 @@ shm::DType dtype_of(const at::Tensor& t) {
         case at::kFloat: return shm::DType::F32;
         case at::kBFloat16: return shm::DType::BF16;
         case at::kHalf: return shm::DType::F16;
-        default: TORCH_CHECK(false, "tp_numa shm all_reduce: dtype ", t.scalar_type(), " (expected float32, bfloat16 or float16)");
+        case at::kDouble: return shm::DType::F64;
+        default: TORCH_CHECK(false, "tp_numa shm all_reduce: dtype ", t.scalar_type(), " (expected float32, bfloat16, float16 or float64)");
     }
 }
 

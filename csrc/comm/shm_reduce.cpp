@@ -31,25 +31,35 @@ template <typename T>
 struct Io;
 template <>
 struct Io<float> {
+    using Acc = float;
     static float load(const float* p, size_t i) { return p[i]; }
     static void store(float* p, size_t i, float v) { p[i] = v; }
 };
 template <>
 struct Io<uint16_t> {  // bf16 bits
+    using Acc = float;
     static float load(const uint16_t* p, size_t i) { return bf16_to_f32(p[i]); }
     static void store(uint16_t* p, size_t i, float v) { p[i] = f32_to_bf16(v); }
 };
 template <>
 struct Io<_Float16> {
+    using Acc = float;
     static float load(const _Float16* p, size_t i) { return static_cast<float>(p[i]); }
     static void store(_Float16* p, size_t i, float v) { p[i] = static_cast<_Float16>(v); }
+};
+
+template <>
+struct Io<double> {
+    using Acc = double;
+    static double load(const double* p, size_t i) { return p[i]; }
+    static void store(double* p, size_t i, double v) { p[i] = v; }
 };
 
 // elements [i0, n): one at a time (the reference, and the tail of the SIMD version)
 template <typename T>
 void sum_scalar(T* dst, const void* const* srcs, int nsrc, size_t i0, size_t n, T* dst2 = nullptr) {
     for (size_t i = i0; i < n; ++i) {
-        float acc = Io<T>::load(static_cast<const T*>(srcs[0]), i);
+        typename Io<T>::Acc acc = Io<T>::load(static_cast<const T*>(srcs[0]), i);
         for (int k = 1; k < nsrc; ++k) acc += Io<T>::load(static_cast<const T*>(srcs[k]), i);
         Io<T>::store(dst, i, acc);
         if (dst2) Io<T>::store(dst2, i, acc);
@@ -145,6 +155,8 @@ void reduce_sum(DType t, void* dst, const void* const* srcs, int nsrc, size_t n,
         case DType::F32: sum_dispatch<float>(dst, srcs, nsrc, n, dst2); break;
         case DType::BF16: sum_dispatch<uint16_t>(dst, srcs, nsrc, n, dst2); break;
         case DType::F16: sum_dispatch<_Float16>(dst, srcs, nsrc, n, dst2); break;
+        // short vectors (one activation row per token): the scalar loop is enough
+        case DType::F64: sum_scalar<double>(static_cast<double*>(dst), srcs, nsrc, 0, n, static_cast<double*>(dst2)); break;
     }
 }
 
@@ -153,6 +165,7 @@ void reduce_sum_ref(DType t, void* dst, const void* const* srcs, int nsrc, size_
         case DType::F32: sum_scalar<float>(static_cast<float*>(dst), srcs, nsrc, 0, n); break;
         case DType::BF16: sum_scalar<uint16_t>(static_cast<uint16_t*>(dst), srcs, nsrc, 0, n); break;
         case DType::F16: sum_scalar<_Float16>(static_cast<_Float16*>(dst), srcs, nsrc, 0, n); break;
+        case DType::F64: sum_scalar<double>(static_cast<double*>(dst), srcs, nsrc, 0, n); break;
     }
 }
 

@@ -3,6 +3,7 @@
 #pragma GCC target("avx2,fma,f16c")
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "attention/avx2_math.h"
@@ -67,26 +68,35 @@ void rope_head_avx2(float* x, const float* cos, const float* sin, int64_t rd, bo
     }
 }
 
-void act_mul_row_avx2(const float* g, const float* u, int64_t f, bool gelu, float* y) {
+// act(x) * u for 8 lanes: SiLU x / (1 + e^-x), or GELU-tanh 0.5 x (1 + tanh(z)) =
+// x * sigmoid(2z) = x / (1 + e^(-2z)) with z = sqrt(2/pi) (x + 0.044715 x^3).
+inline __m256 act8(__m256 x, __m256 u, bool gelu) {
     const __m256 one = _mm256_set1_ps(1.f);
-    int64_t i = 0;
-    for (; i + 8 <= f; i += 8) {
-        const __m256 x = _mm256_loadu_ps(g + i);
-        __m256 act;
-        if (gelu) {
-            // 0.5 x (1 + tanh(z)) = x * sigmoid(2z) = x / (1 + e^(-2z))
-            const __m256 z = _mm256_mul_ps(_mm256_set1_ps(0.7978845608028654f),
-                                           _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), x),
-                                                           _mm256_mul_ps(x, x), x));
-            const __m256 e = simd::exp256(_mm256_mul_ps(_mm256_set1_ps(-2.f), z));
-            act = _mm256_div_ps(x, _mm256_add_ps(one, e));
-        } else {
-            const __m256 e = simd::exp256(_mm256_sub_ps(_mm256_setzero_ps(), x));
-            act = _mm256_div_ps(x, _mm256_add_ps(one, e));
-        }
-        _mm256_storeu_ps(y + i, _mm256_mul_ps(act, _mm256_loadu_ps(u + i)));
+    __m256 e;
+    if (gelu) {
+        const __m256 z = _mm256_mul_ps(_mm256_set1_ps(0.7978845608028654f),
+                                       _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), x),
+                                                       _mm256_mul_ps(x, x), x));
+        e = simd::exp256(_mm256_mul_ps(_mm256_set1_ps(-2.f), z));
+    } else {
+        e = simd::exp256(_mm256_sub_ps(_mm256_setzero_ps(), x));
     }
-    if (i < f) scalar_kernels().act_mul_row(g + i, u + i, f - i, gelu, y + i);
+    return _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(one, e)), u);
+}
+
+void act_mul_row_avx2(const float* g, const float* u, int64_t f, bool gelu, float* y) {
+    int64_t i = 0;
+    for (; i + 8 <= f; i += 8) _mm256_storeu_ps(y + i, act8(_mm256_loadu_ps(g + i), _mm256_loadu_ps(u + i), gelu));
+    if (i < f) {
+        // the tail goes through the same lane maths (zero-padded), so an element's value
+        // never depends on where a rank's feature range starts or ends
+        alignas(32) float gt[8] = {}, ut[8] = {}, yt[8];
+        const int64_t n = f - i;
+        std::copy(g + i, g + f, gt);
+        std::copy(u + i, u + f, ut);
+        _mm256_store_ps(yt, act8(_mm256_load_ps(gt), _mm256_load_ps(ut), gelu));
+        std::copy(yt, yt + n, y + i);
+    }
 }
 
 }  // namespace

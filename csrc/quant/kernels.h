@@ -70,12 +70,18 @@ inline size_t act_row_bytes(ActKind kind, int64_t K) {
 // types nb = K). act is the prepared row (float* / BlockQ8A* / BlockQ8K*).
 using RowsFn = void (*)(int nb, const uint8_t* w, size_t w_stride, int nrows, const void* act,
                         float* y);
+// The same with float64 results from the Exact accumulation: every block's fp32 term is
+// added in float64, so y does not depend on how a row is split into block ranges.
+using RowsExactFn = void (*)(int nb, const uint8_t* w, size_t w_stride, int nrows, const void* act,
+                             double* y);
 using QuantizeFn = void (*)(const float* x, int64_t K, void* out);
 
 // Prefill micro-tiles: y[m * y_stride + r] = dot(w + r * w_stride, act + m * act_stride)
 // for r < nrows, m < mrows. Unpacks each weight block once for several activation rows.
 using TileFn = void (*)(int nb, const uint8_t* w, size_t w_stride, int nrows, const uint8_t* act,
                         size_t act_stride, int mrows, float* y, size_t y_stride);
+using TileExactFn = void (*)(int nb, const uint8_t* w, size_t w_stride, int nrows, const uint8_t* act,
+                             size_t act_stride, int mrows, double* y, size_t y_stride);
 
 // One instruction-set variant: a rows kernel per type id (nullptr = use the scalar one)
 // and the activation quantizers.
@@ -83,6 +89,8 @@ struct Kernels {
     const char* isa;
     RowsFn rows[32];
     TileFn tile[32];  // nullptr: prefill loops the rows kernel over activation rows
+    RowsExactFn rows_exact[32];  // nullptr: use the scalar reference's
+    TileExactFn tile_exact[32];
     QuantizeFn quantize_q8a;
     QuantizeFn quantize_q8k;
 };

@@ -8,10 +8,19 @@
 //    threads = torch.get_num_threads()). Inside a range, rows go in tiles small enough to
 //    stay in L1/L2; for each tile every activation row is applied while the tile is hot,
 //    so for prefill (large M) each weight byte comes from memory once, not M times.
+//
+// quant_matmul_exact runs the same driver with the kernels' Exact accumulation (float64
+// output): every block's fp32 term is added in float64, so the result for a row does not
+// depend on how the row is split into block ranges. Row-parallel layers use it: tp ranks
+// each sum their block range, the all-reduce adds the float64 partials, and the float32
+// rounding of the total is (but for ~1e-9 of values, which sit within 1e-16 of an fp32
+// rounding boundary) the same as tp=1's. Float weights take the scalar reference's exact
+// dot (a rare case for a row-parallel layer).
 #include <ATen/Parallel.h>
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "quant/kernels.h"
@@ -84,20 +93,34 @@ void check_inputs(const at::Tensor& x, const at::Tensor& w, int64_t qtype, const
                 " (w must be N x row_bytes = [", w.size(0), ", ", row_bytes, "])");
 }
 
-}  // namespace
-
-at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qtype) {
+// Out = float: quant_matmul (Fast kernels); Out = double: quant_matmul_exact (Exact kernels).
+template <class Out>
+at::Tensor run_quant_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qtype) {
+    constexpr bool kExact = std::is_same_v<Out, double>;
     const TypeInfo* ti = quant::type_info(qtype);
     check_inputs(x, w, qtype, ti);
     const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
     const int64_t row_bytes = w.size(1);
-    at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
-    if (M == 0 || N == 0) return y.to(x.scalar_type());
-    if (K == 0) return y.zero_().to(x.scalar_type());
+    at::Tensor y = at::empty({M, N}, x.options().dtype(kExact ? at::kDouble : at::kFloat));
+    auto result = [&]() { return kExact || x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type()); };
+    if (M == 0 || N == 0) return result();
+    if (K == 0) {
+        y.zero_();
+        return result();
+    }
 
     const Kernels& k = quant::active_kernels();
-    const quant::RowsFn rows =
-        k.rows[qtype] != nullptr ? k.rows[qtype] : quant::scalar_kernels().rows[qtype];
+    using RowsT = void (*)(int, const uint8_t*, size_t, int, const void*, Out*);
+    using TileT = void (*)(int, const uint8_t*, size_t, int, const uint8_t*, size_t, int, Out*, size_t);
+    RowsT rows;
+    TileT tile_fn;
+    if constexpr (kExact) {
+        rows = k.rows_exact[qtype] != nullptr ? k.rows_exact[qtype] : quant::scalar_kernels().rows_exact[qtype];
+        tile_fn = M >= 2 ? k.tile_exact[qtype] : nullptr;
+    } else {
+        rows = k.rows[qtype] != nullptr ? k.rows[qtype] : quant::scalar_kernels().rows[qtype];
+        tile_fn = M >= 2 ? k.tile[qtype] : nullptr;
+    }
     const int nb = int(K / ti->block_elems);
 
     // activation rows, prepared once
@@ -123,8 +146,7 @@ at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qtype)
     const int64_t tile = std::max<int64_t>(1, kTileBytes / row_bytes);
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row_bytes * M));
     const uint8_t* wp = w.data_ptr<uint8_t>();
-    float* yp = y.data_ptr<float>();
-    const quant::TileFn tile_fn = M >= 2 ? k.tile[qtype] : nullptr;
+    Out* yp = y.data_ptr<Out>();
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
         for (int64_t t0 = n0; t0 < n1; t0 += tile) {
             const int nr = int(std::min(tile, n1 - t0));
@@ -143,7 +165,17 @@ at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qtype)
             }
         }
     });
-    return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+    return result();
+}
+
+}  // namespace
+
+at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qtype) {
+    return run_quant_matmul<float>(x, w, qtype);
+}
+
+at::Tensor quant_matmul_exact(const at::Tensor& x, const at::Tensor& w, int64_t qtype) {
+    return run_quant_matmul<double>(x, w, qtype);
 }
 
 }  // namespace tp_numa

@@ -9,6 +9,12 @@ namespace tp_numa {
 // type id. x float32 or bfloat16, contiguous; y has x's dtype.
 at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qtype);
 
+// Same product with a result that does not depend on how K is split (quant_matmul.cpp):
+// every (row, block) term is the kernel's fp32 value for that one block, and the terms are
+// summed in float64 in block order. y float64 [M, N]. Row-parallel layers use it so that
+// tp=N (each rank a block range, partials summed in fp64) rounds to the same fp32 as tp=1.
+at::Tensor quant_matmul_exact(const at::Tensor& x, const at::Tensor& w, int64_t qtype);
+
 // SIMD path in use ("avx512vnni", "avx512", "avx2", "scalar") and a way to force one
 // (tests force "scalar" to check the reference; "auto" restores detection).
 std::string kernel_isa();

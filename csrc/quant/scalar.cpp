@@ -9,6 +9,10 @@
 //   Q4_K:  d_a * (d * sum_j sc_j * sum(q*a)_j - dmin * sum_j m_j * bsum_j)
 //   Q6_K:  d_a * d * sum_j sc_j * (sum(q*a)_j - 32 * bsum_j)   (16-element sub-blocks)
 // Float types (F32/F16/BF16) take the float activation and accumulate in float.
+//
+// Every dot is a template over the accumulator T: float (quant_matmul) or double
+// (quant_matmul_exact). Either way each block's term (each element's product for float
+// types) is computed in fp32 first; T only decides the precision of the running sum.
 #include <algorithm>
 #include <cmath>
 
@@ -58,54 +62,59 @@ void quantize_q8k(const float* x, int64_t K, void* out) {
 
 // ---- per-row dot products ----
 
-float dot_f32(int K, const uint8_t* w, const void* act) {
+template <class T>
+T dot_f32(int K, const uint8_t* w, const void* act) {
     const float* x = static_cast<const float*>(act);
     const float* r = reinterpret_cast<const float*>(w);
-    float acc = 0.f;
-    for (int i = 0; i < K; ++i) acc += r[i] * x[i];
+    T acc = 0;
+    for (int i = 0; i < K; ++i) acc += float(r[i] * x[i]);
     return acc;
 }
 
-float dot_f16(int K, const uint8_t* w, const void* act) {
+template <class T>
+T dot_f16(int K, const uint8_t* w, const void* act) {
     const float* x = static_cast<const float*>(act);
     const auto* r = reinterpret_cast<const f16_t*>(w);
-    float acc = 0.f;
-    for (int i = 0; i < K; ++i) acc += f16_to_f32(r[i]) * x[i];
+    T acc = 0;
+    for (int i = 0; i < K; ++i) acc += float(f16_to_f32(r[i]) * x[i]);
     return acc;
 }
 
-float dot_bf16(int K, const uint8_t* w, const void* act) {
+template <class T>
+T dot_bf16(int K, const uint8_t* w, const void* act) {
     const float* x = static_cast<const float*>(act);
     const auto* r = reinterpret_cast<const uint16_t*>(w);
-    float acc = 0.f;
-    for (int i = 0; i < K; ++i) acc += bf16_to_f32(r[i]) * x[i];
+    T acc = 0;
+    for (int i = 0; i < K; ++i) acc += float(bf16_to_f32(r[i]) * x[i]);
     return acc;
 }
 
-float dot_q4_0(int nb, const uint8_t* w, const void* act) {
+template <class T>
+T dot_q4_0(int nb, const uint8_t* w, const void* act) {
     const auto* x = reinterpret_cast<const BlockQ4_0*>(w);
     const auto* a = static_cast<const BlockQ8A*>(act);
-    float acc = 0.f;
+    T acc = 0;
     for (int i = 0; i < nb; ++i) {
         int sumi = 0;
         for (int j = 0; j < QK / 2; ++j) {
             sumi += (x[i].qs[j] & 0xf) * a[i].qs[j] + (x[i].qs[j] >> 4) * a[i].qs[j + 16];
         }
-        acc += f16_to_f32(x[i].d) * (a[i].d * float(sumi) - 8.f * a[i].s);
+        acc += float(f16_to_f32(x[i].d) * (a[i].d * float(sumi) - 8.f * a[i].s));
     }
     return acc;
 }
 
-float dot_q4_1(int nb, const uint8_t* w, const void* act) {
+template <class T>
+T dot_q4_1(int nb, const uint8_t* w, const void* act) {
     const auto* x = reinterpret_cast<const BlockQ4_1*>(w);
     const auto* a = static_cast<const BlockQ8A*>(act);
-    float acc = 0.f;
+    T acc = 0;
     for (int i = 0; i < nb; ++i) {
         int sumi = 0;
         for (int j = 0; j < QK / 2; ++j) {
             sumi += (x[i].qs[j] & 0xf) * a[i].qs[j] + (x[i].qs[j] >> 4) * a[i].qs[j + 16];
         }
-        acc += f16_to_f32(x[i].d) * a[i].d * float(sumi) + f16_to_f32(x[i].m) * a[i].s;
+        acc += float(f16_to_f32(x[i].d) * a[i].d * float(sumi) + f16_to_f32(x[i].m) * a[i].s);
     }
     return acc;
 }
@@ -116,65 +125,70 @@ inline int q5_code(const uint8_t* qs, uint32_t qh, int j) {
     return lo | int((qh >> j) & 1) << 4;
 }
 
-float dot_q5_0(int nb, const uint8_t* w, const void* act) {
+template <class T>
+T dot_q5_0(int nb, const uint8_t* w, const void* act) {
     const auto* x = reinterpret_cast<const BlockQ5_0*>(w);
     const auto* a = static_cast<const BlockQ8A*>(act);
-    float acc = 0.f;
+    T acc = 0;
     for (int i = 0; i < nb; ++i) {
         uint32_t qh;
         std::memcpy(&qh, x[i].qh, 4);
         int sumi = 0;
         for (int j = 0; j < QK; ++j) sumi += q5_code(x[i].qs, qh, j) * a[i].qs[j];
-        acc += f16_to_f32(x[i].d) * (a[i].d * float(sumi) - 16.f * a[i].s);
+        acc += float(f16_to_f32(x[i].d) * (a[i].d * float(sumi) - 16.f * a[i].s));
     }
     return acc;
 }
 
-float dot_q5_1(int nb, const uint8_t* w, const void* act) {
+template <class T>
+T dot_q5_1(int nb, const uint8_t* w, const void* act) {
     const auto* x = reinterpret_cast<const BlockQ5_1*>(w);
     const auto* a = static_cast<const BlockQ8A*>(act);
-    float acc = 0.f;
+    T acc = 0;
     for (int i = 0; i < nb; ++i) {
         uint32_t qh;
         std::memcpy(&qh, x[i].qh, 4);
         int sumi = 0;
         for (int j = 0; j < QK; ++j) sumi += q5_code(x[i].qs, qh, j) * a[i].qs[j];
-        acc += f16_to_f32(x[i].d) * a[i].d * float(sumi) + f16_to_f32(x[i].m) * a[i].s;
+        acc += float(f16_to_f32(x[i].d) * a[i].d * float(sumi) + f16_to_f32(x[i].m) * a[i].s);
     }
     return acc;
 }
 
-float dot_q8_0(int nb, const uint8_t* w, const void* act) {
+template <class T>
+T dot_q8_0(int nb, const uint8_t* w, const void* act) {
     const auto* x = reinterpret_cast<const BlockQ8_0*>(w);
     const auto* a = static_cast<const BlockQ8A*>(act);
-    float acc = 0.f;
+    T acc = 0;
     for (int i = 0; i < nb; ++i) {
         int sumi = 0;
         for (int j = 0; j < QK; ++j) sumi += x[i].qs[j] * a[i].qs[j];
-        acc += f16_to_f32(x[i].d) * a[i].d * float(sumi);
+        acc += float(f16_to_f32(x[i].d) * a[i].d * float(sumi));
     }
     return acc;
 }
 
-float dot_iq4_nl(int nb, const uint8_t* w, const void* act) {
+template <class T>
+T dot_iq4_nl(int nb, const uint8_t* w, const void* act) {
     const auto* x = reinterpret_cast<const BlockIQ4_NL*>(w);
     const auto* a = static_cast<const BlockQ8A*>(act);
-    float acc = 0.f;
+    T acc = 0;
     for (int i = 0; i < nb; ++i) {
         int sumi = 0;
         for (int j = 0; j < QK / 2; ++j) {
             sumi += kIQ4Values[x[i].qs[j] & 0xf] * a[i].qs[j] +
                     kIQ4Values[x[i].qs[j] >> 4] * a[i].qs[j + 16];
         }
-        acc += f16_to_f32(x[i].d) * a[i].d * float(sumi);
+        acc += float(f16_to_f32(x[i].d) * a[i].d * float(sumi));
     }
     return acc;
 }
 
-float dot_q4_k(int nb, const uint8_t* w, const void* act) {
+template <class T>
+T dot_q4_k(int nb, const uint8_t* w, const void* act) {
     const auto* x = reinterpret_cast<const BlockQ4_K*>(w);
     const auto* a = static_cast<const BlockQ8K*>(act);
-    float acc = 0.f;
+    T acc = 0;
     for (int i = 0; i < nb; ++i) {
         uint8_t sm[16];
         k_scales_mins(x[i].scales, sm);
@@ -189,15 +203,16 @@ float dot_q4_k(int nb, const uint8_t* w, const void* act) {
             sum_q += sm[j] * s;
             sum_m += sm[8 + j] * (a[i].bsums[2 * j] + a[i].bsums[2 * j + 1]);
         }
-        acc += a[i].d * (f16_to_f32(x[i].d) * float(sum_q) - f16_to_f32(x[i].dmin) * float(sum_m));
+        acc += float(a[i].d * (f16_to_f32(x[i].d) * float(sum_q) - f16_to_f32(x[i].dmin) * float(sum_m)));
     }
     return acc;
 }
 
-float dot_q5_k(int nb, const uint8_t* w, const void* act) {
+template <class T>
+T dot_q5_k(int nb, const uint8_t* w, const void* act) {
     const auto* x = reinterpret_cast<const BlockQ5_K*>(w);
     const auto* a = static_cast<const BlockQ8K*>(act);
-    float acc = 0.f;
+    T acc = 0;
     for (int i = 0; i < nb; ++i) {
         uint8_t sm[16];
         k_scales_mins(x[i].scales, sm);
@@ -214,15 +229,16 @@ float dot_q5_k(int nb, const uint8_t* w, const void* act) {
             sum_q += sm[j] * s;
             sum_m += sm[8 + j] * (a[i].bsums[2 * j] + a[i].bsums[2 * j + 1]);
         }
-        acc += a[i].d * (f16_to_f32(x[i].d) * float(sum_q) - f16_to_f32(x[i].dmin) * float(sum_m));
+        acc += float(a[i].d * (f16_to_f32(x[i].d) * float(sum_q) - f16_to_f32(x[i].dmin) * float(sum_m)));
     }
     return acc;
 }
 
-float dot_q6_k(int nb, const uint8_t* w, const void* act) {
+template <class T>
+T dot_q6_k(int nb, const uint8_t* w, const void* act) {
     const auto* x = reinterpret_cast<const BlockQ6_K*>(w);
     const auto* a = static_cast<const BlockQ8K*>(act);
-    float acc = 0.f;
+    T acc = 0;
     for (int i = 0; i < nb; ++i) {
         // two halves of 128 elements; in each, element 32*k + l (k = 0..3, l = 0..31) has
         // low bits from ql[l + 32*(k&1)] (nibble k>>1) and high bits (qh[l] >> 2k) & 3
@@ -244,15 +260,16 @@ float dot_q6_k(int nb, const uint8_t* w, const void* act) {
                 }
             }
         }
-        acc += a[i].d * f16_to_f32(x[i].d) * float(sum);
+        acc += float(a[i].d * f16_to_f32(x[i].d) * float(sum));
     }
     return acc;
 }
 
-float dot_iq4_xs(int nb, const uint8_t* w, const void* act) {
+template <class T>
+T dot_iq4_xs(int nb, const uint8_t* w, const void* act) {
     const auto* x = reinterpret_cast<const BlockIQ4_XS*>(w);
     const auto* a = static_cast<const BlockQ8K*>(act);
-    float acc = 0.f;
+    T acc = 0;
     for (int i = 0; i < nb; ++i) {
         int sum = 0;
         for (int ib = 0; ib < 8; ++ib) {
@@ -264,33 +281,46 @@ float dot_iq4_xs(int nb, const uint8_t* w, const void* act) {
             }
             sum += iq4xs_scale(x[i], ib) * s;
         }
-        acc += a[i].d * f16_to_f32(x[i].d) * float(sum);
+        acc += float(a[i].d * f16_to_f32(x[i].d) * float(sum));
     }
     return acc;
 }
 
 // Lifts a one-row dot into the rows interface.
-template <float (*Dot)(int, const uint8_t*, const void*)>
-void rows(int nb, const uint8_t* w, size_t w_stride, int nrows, const void* act, float* y) {
+template <class T, T (*Dot)(int, const uint8_t*, const void*)>
+void rows(int nb, const uint8_t* w, size_t w_stride, int nrows, const void* act, T* y) {
     for (int r = 0; r < nrows; ++r) y[r] = Dot(nb, w + r * w_stride, act);
 }
 
 Kernels make_scalar() {
     Kernels k{};
     k.isa = "scalar";
-    k.rows[kF32] = rows<dot_f32>;
-    k.rows[kF16] = rows<dot_f16>;
-    k.rows[kBF16] = rows<dot_bf16>;
-    k.rows[kQ4_0] = rows<dot_q4_0>;
-    k.rows[kQ4_1] = rows<dot_q4_1>;
-    k.rows[kQ5_0] = rows<dot_q5_0>;
-    k.rows[kQ5_1] = rows<dot_q5_1>;
-    k.rows[kQ8_0] = rows<dot_q8_0>;
-    k.rows[kIQ4_NL] = rows<dot_iq4_nl>;
-    k.rows[kQ4_K] = rows<dot_q4_k>;
-    k.rows[kQ5_K] = rows<dot_q5_k>;
-    k.rows[kQ6_K] = rows<dot_q6_k>;
-    k.rows[kIQ4_XS] = rows<dot_iq4_xs>;
+    k.rows[kF32] = rows<float, dot_f32<float>>;
+    k.rows_exact[kF32] = rows<double, dot_f32<double>>;
+    k.rows[kF16] = rows<float, dot_f16<float>>;
+    k.rows_exact[kF16] = rows<double, dot_f16<double>>;
+    k.rows[kBF16] = rows<float, dot_bf16<float>>;
+    k.rows_exact[kBF16] = rows<double, dot_bf16<double>>;
+    k.rows[kQ4_0] = rows<float, dot_q4_0<float>>;
+    k.rows_exact[kQ4_0] = rows<double, dot_q4_0<double>>;
+    k.rows[kQ4_1] = rows<float, dot_q4_1<float>>;
+    k.rows_exact[kQ4_1] = rows<double, dot_q4_1<double>>;
+    k.rows[kQ5_0] = rows<float, dot_q5_0<float>>;
+    k.rows_exact[kQ5_0] = rows<double, dot_q5_0<double>>;
+    k.rows[kQ5_1] = rows<float, dot_q5_1<float>>;
+    k.rows_exact[kQ5_1] = rows<double, dot_q5_1<double>>;
+    k.rows[kQ8_0] = rows<float, dot_q8_0<float>>;
+    k.rows_exact[kQ8_0] = rows<double, dot_q8_0<double>>;
+    k.rows[kIQ4_NL] = rows<float, dot_iq4_nl<float>>;
+    k.rows_exact[kIQ4_NL] = rows<double, dot_iq4_nl<double>>;
+    k.rows[kQ4_K] = rows<float, dot_q4_k<float>>;
+    k.rows_exact[kQ4_K] = rows<double, dot_q4_k<double>>;
+    k.rows[kQ5_K] = rows<float, dot_q5_k<float>>;
+    k.rows_exact[kQ5_K] = rows<double, dot_q5_k<double>>;
+    k.rows[kQ6_K] = rows<float, dot_q6_k<float>>;
+    k.rows_exact[kQ6_K] = rows<double, dot_q6_k<double>>;
+    k.rows[kIQ4_XS] = rows<float, dot_iq4_xs<float>>;
+    k.rows_exact[kIQ4_XS] = rows<double, dot_iq4_xs<double>>;
     k.quantize_q8a = quantize_q8a;
     k.quantize_q8k = quantize_q8k;
     return k;

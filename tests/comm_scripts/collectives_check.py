@@ -1,8 +1,8 @@
 """Run under mpirun by tests/test_comm.py: every collective against a plain oracle.
 
 Each rank can regenerate every rank's input (seeded by rank and step), so the oracle is
-computed locally: sum over ranks in fp32 in rank order, rounded once to the dtype (the
-documented result of all_reduce), concatenation for gathers, the source's tensor for
+computed locally: sum over ranks in fp32 (fp64 for float64) in rank order, rounded once
+to the dtype (the documented result of all_reduce), concatenation for gathers, the source's tensor for
 broadcasts. A random but rank-identical sequence of mixed collectives exercises the
 double-buffered slots (slot reuse across op types, pieces larger than a slot, two-phase
 sizes). Prints "OK <backend> <steps>" on rank 0 when everything matched.
@@ -15,7 +15,7 @@ import torch
 from tp_numa.distributed import communicator as C
 from tp_numa.distributed import parallel_state
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 
 def data(rank: int, step: int, shape, dtype) -> torch.Tensor:
@@ -39,7 +39,8 @@ def main() -> int:
             shape = (numel,) if numel % 2 else (2, numel // 2)
             t = data(r, step, shape, dtype)
             C.all_reduce(t)
-            acc = sum((data(p, step, shape, dtype).float() for p in range(n)), torch.zeros(shape))
+            acc_t = torch.float64 if dtype == torch.float64 else torch.float32
+            acc = sum((data(p, step, shape, dtype).to(acc_t) for p in range(n)), torch.zeros(shape, dtype=acc_t))
             want = acc.to(dtype)
             if exact and not torch.equal(t, want):
                 bad = (t.float() - want.float()).abs().max().item()
@@ -54,7 +55,8 @@ def main() -> int:
                     return 1
             # every rank must hold bitwise the same result (replicated state stays equal)
             flat = t.reshape(1, -1)
-            every = C.all_gather(flat.view(torch.int16) if dtype != torch.float32 else flat.view(torch.int32), dim=0)
+            as_int = {torch.float32: torch.int32, torch.float64: torch.int64}.get(dtype, torch.int16)
+            every = C.all_gather(flat.view(as_int), dim=0)
             if not bool((every == every[0:1]).all()):
                 print(f"rank {r} step {step}: ranks disagree on the all_reduce result", flush=True)
                 return 1

@@ -30,7 +30,7 @@ from . import parallel_state
 from .shm import CommError  # noqa: F401  (re-exported: what a failed collective raises)
 
 _BACKENDS = ("auto", "shm", "mpi")
-_SHM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # others go over MPI
+_SHM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # others go over MPI
 _requested = os.environ.get("TP_NUMA_COMM", "auto").strip().lower() or "auto"
 _impl = None
 
@@ -72,7 +72,7 @@ def _shm_available() -> bool:
 
 
 def all_reduce(t: torch.Tensor) -> torch.Tensor:
-    """In-place sum over ranks; fp32/bf16/fp16 (accumulated in fp32). Returns ``t``."""
+    """In-place sum over ranks; fp32/bf16/fp16 (accumulated in fp32) or fp64. Returns ``t``."""
     impl = _impl if _impl is not None else _get()
     if impl.world_size == 1:
         return t
@@ -234,8 +234,8 @@ class _Mpi:
         if self.shm is None or not t.is_floating_point():
             _mpi_allreduce_(self.world, t)
             return
-        # hierarchical, in fp32 throughout so the tensor is rounded once at the end
-        work = t if t.dtype == torch.float32 else t.float()
+        # hierarchical, in fp32 (fp64 stays fp64) throughout so the tensor is rounded once at the end
+        work = t if t.dtype in (torch.float32, torch.float64) else t.float()
         self.shm.all_reduce(work)
         if self.leaders is not None:
             _mpi_allreduce_(self.leaders, work)

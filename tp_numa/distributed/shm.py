@@ -25,7 +25,7 @@ import torch
 from .._ext import load_extension
 from ..errors import TpNumaError
 
-_FLOAT_TYPES = (torch.float32, torch.bfloat16, torch.float16)
+_FLOAT_TYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def available() -> bool:

@@ -172,11 +172,18 @@ class RowParallelLinear(LinearBase):
 
     ``in_range`` = this rank's input columns ``[k0, k1)``, on quant-block boundaries of the
     weight (the same range as the column-parallel layer that produced ``x_r``).
+
+    ``exact`` (default): the rank's partial sums are float64 values that do not depend on
+    where its range starts or ends (``tp_numa.ops.quant_matmul_exact``), the all-reduce adds
+    them in float64 and the result is rounded to float32 once. tp=N then gives bitwise the
+    float32 that tp=1 gives (see docs/launch.md, "Reproducibility"). ``exact=False`` sums
+    fp32 partials instead: the last bits then depend on tp.
     """
 
     def __init__(self, input_size: int, output_size: int, in_range: Range | None = None, bias: bool = False,
-                 reduce_results: bool = True, tp_size: int | None = None):
+                 reduce_results: bool = True, tp_size: int | None = None, exact: bool = True):
         rank, tp = _tp()
+        self.exact = exact
         tp = tp if tp_size is None else tp_size
         self.tp_size = tp
         self.full_input_size = input_size
@@ -202,11 +209,18 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, k1-k0] (this rank's share of the inputs) -> [T, output_size] (full sum)."""
-        y = self._matmul(x)
+        exact = self.exact and len(self._runs) == 1
+        if exact:
+            n = self._runs[0]
+            y = linear_method_for(getattr(self, n + "_qtype")).apply_exact(self, n, x)   # float64 partials
+        else:
+            y = self._matmul(x)
         if self.reduce_results and self.tp_size > 1:
             from ..distributed import communicator
 
             communicator.all_reduce(y)
+        if exact:
+            y = y.to(x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32)
         if self.bias is not None:
             y.add_(self.bias)          # y is fresh (matmul output): add in place
         return y

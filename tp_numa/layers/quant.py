@@ -21,6 +21,11 @@ class LinearMethodBase:
     def apply(self, layer: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def apply_exact(self, layer: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W^T`` as float64 partial sums whose value does not depend on how the input
+        columns are split (see ``tp_numa.ops.quant_matmul_exact``)."""
+        raise NotImplementedError
+
 
 class GGUFLinearMethod(LinearMethodBase):
     """Raw GGUF rows as a uint8 buffer; ``y[M, N] = quant_matmul(x[M, K], rows, qtype)``."""
@@ -36,6 +41,11 @@ class GGUFLinearMethod(LinearMethodBase):
 
         w = getattr(layer, name)
         return ops.quant_matmul(x.contiguous(), w, getattr(layer, name + "_qtype"))
+
+    def apply_exact(self, layer: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+        from .. import ops
+
+        return ops.quant_matmul_exact(x.contiguous(), getattr(layer, name), getattr(layer, name + "_qtype"))
 
 
 def linear_method_for(qtype: int) -> LinearMethodBase:
