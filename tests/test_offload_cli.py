@@ -67,6 +67,28 @@ def test_plan_config_errors_are_one_line(cli_env, model_path, tmp_path, text, me
     assert str(cfg) in line and message in line
 
 
+def test_plan_of_whole_layers_on_gpu(cli_env, model_path, tmp_path):
+    cfg = tmp_path / "layers.toml"
+    cfg.write_text("[[rule]]\npattern = '^model\\.layers\\.(1[2-9]|2[0-3])\\.'\ndevice = 'cuda'\n")
+    model_path("qwen2.5-coder-0.5b")
+    r = cli(["plan", "--model", "qwen2.5-coder-0.5b", "--offload", str(cfg), "--tp", "2", "--gpus", "2"], cli_env)
+    assert r.returncode == 0, r.stderr
+    down = [ln.split() for ln in r.stdout.splitlines() if "mlp.down_proj" in ln]
+    assert down[0][:2] == ["model.layers.*.mlp.down_proj", "0-11"] and down[0][2] == "cpu"
+    assert down[1][:3] == ["model.layers.*.mlp.down_proj", "(fp16)", "12-23"]
+    assert down[1][3] == "cuda:0" and down[1][6] == "cuda:1"
+
+
+def test_plan_of_a_lone_mlp_on_gpu_is_one_error_line(cli_env, model_path, tmp_path):
+    cfg = tmp_path / "mlp.toml"
+    cfg.write_text("[[rule]]\npattern = '\\.mlp\\.'\ndevice = 'cuda'\n")
+    model_path("gemma3-270m")
+    r = cli(["plan", "--model", "gemma3-270m", "--offload", str(cfg), "--gpus", "1"], cli_env)
+    assert r.returncode != 0
+    line = one_error_line(r.stderr)
+    assert "places 'model.layers.0.mlp.gate_up_proj' on cuda:0" in line and "whole decoder layers" in line
+
+
 @no_cuda_only
 def test_plan_without_cuda_asks_for_gpus(cli_env, model_path):
     model_path("gemma3-270m")
@@ -76,12 +98,13 @@ def test_plan_without_cuda_asks_for_gpus(cli_env, model_path):
 
 
 @no_cuda_only
-def test_generate_with_gpu_config_fails_before_loading(cli_env, tmp_path):
+@pytest.mark.parametrize("preset", ["attention-on-gpu", "layers-on-gpu"])
+def test_generate_with_gpu_config_fails_before_loading(cli_env, tmp_path, preset):
     # A file that is not a GGUF at all: the placement error must come first, proving
     # that the config is checked before the model is read.
     fake = tmp_path / "not-a-model.gguf"
     fake.write_bytes(b"this is not a gguf file" * 10)
-    r = cli(["generate", "--model", str(fake), "--offload", "attention-on-gpu", "-p", "hi", "-n", "2"], cli_env)
+    r = cli(["generate", "--model", str(fake), "--offload", preset, "-p", "hi", "-n", "2"], cli_env)
     assert r.returncode != 0 and r.stdout == ""
     line = one_error_line(r.stderr)
     assert "needs a CUDA GPU, but none is available" in line and "not a GGUF" not in line

@@ -84,13 +84,18 @@ def test_structural_mistakes(text, message):
 
 
 def test_presets_and_specs(tmp_path):
-    assert set(PRESETS) == {"all-cpu", "attention-on-gpu"}
+    assert set(PRESETS) == {"all-cpu", "attention-on-gpu", "layers-on-gpu"}
     assert not load_placement_spec(None).uses_gpu
     assert not load_placement_spec("all-cpu").uses_gpu
     gpu = load_placement_spec("attention-on-gpu")
     assert gpu.device_for("model.layers.7.self_attn.attn") == Device("cuda")
     assert gpu.device_for("model.layers.7.self_attn.o_proj") == Device("cpu")
     assert gpu.device_for("model.layers.7.self_attn.qkv_proj") == Device("cpu")
+    layers = load_placement_spec("layers-on-gpu")
+    for name in ("model.layers.0.input_layernorm", "model.layers.17.self_attn.attn", "model.layers.3.mlp.down_proj"):
+        assert layers.device_for(name) == Device("cuda")
+    for name in ("model.embed_tokens", "model.norm", "lm_head", "token_embd.weight", "blk.3.ffn_down.weight"):
+        assert layers.device_for(name) == Device("cpu")
     path = write(tmp_path, '[[rule]]\npattern = "attn$"\ndevice = "cpu"\n')
     assert load_placement_spec(path).source == path
     with pytest.raises(PlacementError, match="no such file and no such preset"):

@@ -2,8 +2,9 @@
 
 - Synthetic all-F32 models (llama / qwen2 / qwen3 / gemma3 with a 4-token window): the
   matmuls are exact in float there, so the offloaded model must give the logits of the
-  same model with its own CPU attention to float32 rounding, and match the float64
-  reference forward of tests/synthetic_gguf.py.
+  same model with its own CPU attention to float32 rounding (f16 cache: up to a flipped
+  fp16 rounding of a cached element), and match the float64 reference forward of
+  tests/synthetic_gguf.py.
 - The shipped gemma3-270m on a real text longer than its 512-token window: same greedy
   continuation with and without offload. (Its matmuls quantize activations to 8-bit
   blocks, so a last-bit change in attention can flip a rounding step; logits are compared
@@ -75,7 +76,11 @@ def test_offloaded_model_gives_the_same_logits(tmp_path, arch, cache):
     assert len(moved) == cfg.n_layers and all(isinstance(m, DeviceAttention) for _, m in cores(model))
     got = run(model, TOKENS, cache, chunks)
     assert got.shape == want.shape == (len(TOKENS), spec.vocab)
-    assert rel_err(got, want) < 1e-5
+    # f32 cache: float32 rounding only. f16 cache: the two attentions differ in the last
+    # bits (~1e-6 here), and when that moves a later layer's k/v across an fp16 rounding
+    # boundary, the cached value changes by one fp16 step (~5e-4 relative) on that element:
+    # measured up to 1.4e-5 on these models
+    assert rel_err(got, want) < (1e-5 if cache == "f32" else 1e-4)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
     if cache == "f32":
         ref = reference_logits(spec, read_float_weights(path), TOKENS)

@@ -8,7 +8,6 @@ import pytest
 
 from tp_numa import offload
 from tp_numa.config import ModelConfig
-from tp_numa.errors import UnsupportedError
 from tp_numa.gguf_loader import read_header
 from tp_numa.placement import PlacementError, parse_placement
 
@@ -128,10 +127,12 @@ def test_tensor_name_rules_match_their_module(headers):
     assert decided == ["model.layers.1.self_attn.qkv_proj"]
 
 
-def test_weights_on_gpu_are_refused_by_name(headers):
+def test_weights_on_gpu_without_their_layer_are_refused_by_name(headers):
+    # a weight may move only with its whole layer (tests/test_offload_layers.py)
     p = parse_placement('[[rule]]\npattern = "blk\\\\.3\\\\.ffn_down"\ndevice = "cuda:0"\n', "w.toml")
     cfg = ModelConfig.from_gguf(headers["qwen2.5-coder-0.5b"])
-    with pytest.raises(UnsupportedError, match=r"w\.toml: rule 1 .* places 'model\.layers\.3\.mlp\.down_proj' on cuda:0"):
+    with pytest.raises(PlacementError, match=r"w\.toml: rule 1 .* places 'model\.layers\.3\.mlp\.down_proj' on "
+                                             r"cuda:0, but .* a GPU takes whole decoder layers"):
         offload.resolve_plan(cfg, p, 1, tensors=headers["qwen2.5-coder-0.5b"].tensors, n_gpus=1)
 
 

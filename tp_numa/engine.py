@@ -143,7 +143,8 @@ class LLM:
 
             moved = apply_placement(net, plan, state)
             if verbose and talk:
-                _log(f"offloaded {len(moved)} attention cores")
+                layers = sum(1 for name in moved if not name.endswith(".attn"))
+                _log(f"offloaded {layers} whole layers and {len(moved) - layers} attention cores")
         net.setup_cache(ctx, cache_type)
 
         tokenizer, err = None, ""

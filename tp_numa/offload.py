@@ -9,13 +9,19 @@ Three steps, in the order the engine runs them:
    the GGUF describes them (hyperparameters + tensor infos; no weight is read), gives each
    module a device per rank, and counts the bytes each rank would hold on each device:
    its slice of every weight plus its KV cache. ``format_plan`` prints it.
-3. ``apply_placement(model, placement_or_plan, state)`` swaps the attention core of every
-   layer placed on a GPU for a ``DeviceAttention`` on this rank's GPU, before
+3. ``apply_placement(model, placement_or_plan, state)`` swaps every decoder layer placed
+   on a GPU for a ``DeviceDecoderLayer`` there (weights dequantized once to fp16), and the
+   attention core of every other layer placed on a GPU for a ``DeviceAttention``, before
    ``model.setup_cache`` allocates the caches.
 
-What can move: the attention core (``model.layers.{i}.self_attn.attn``: scores, softmax,
-weighted sum, and the KV cache). Every weight stays on the CPU ranks in its quantized
-form; a rule that sends a weight-bearing module to a GPU is refused by name.
+What can move:
+- an attention core alone (``model.layers.{i}.self_attn.attn``: scores, softmax,
+  weighted sum, and the KV cache); the layer's weights stay on the CPU ranks, quantized;
+- a whole decoder layer (every module of ``model.layers.{i}``: norms, q/k/v projection,
+  q/k norms, attention core + KV cache, output projection, FFN): this rank's slice of
+  each weight is dequantized once to fp16 on the GPU and the layer runs there.
+A weight-bearing module on a GPU whose whole layer is not on the same device is refused
+by name, and so is the token embedding, the final norm or the LM head on a GPU.
 
 Matching: a module matches a rule when the rule's regex is found in the module's name or
 in the name of any GGUF tensor it owns (``blk.3.attn_q.weight`` belongs to
@@ -25,26 +31,35 @@ module name can select it.
 Per-rank bytes follow the sharding of the parallel layers (DESIGN.md): q/k/v columns by
 whole heads (KV heads replicated when tp > n_kv_heads), the output projection rows by the
 same heads, FFN gate/up columns and down rows by the same range of down's quant blocks,
-embedding and LM head by vocabulary rows, norms replicated.
+embedding and LM head by vocabulary rows, norms replicated. A GPU holds a matrix slice as
+fp16 (2 bytes per element) and norms / biases as float32 (4 bytes per element, as on the
+CPU), whatever the GGUF type.
 """
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from dataclasses import dataclass, field
 
 from .distributed.numa import format_cpulist
-from .errors import ModelFormatError, TpNumaError, UnsupportedError
+from .errors import ModelFormatError, TpNumaError
 from .placement import (PRESETS, Device, Placement, PlacementError, Rule, load_placement_spec,
                         parse_placement)
 
 __all__ = [
     "PRESETS", "Placement", "PlacementError", "PlacementWarning", "Plan", "PlanEntry",
-    "apply_placement", "check_devices", "cuda_device_count", "format_plan", "load_placement",
-    "parse_placement", "plan_for_file", "resolve_plan",
+    "apply_placement", "check_devices", "check_gpu_modules", "cuda_device_count", "format_plan",
+    "gpu_targets", "load_placement", "offload_attention", "offload_layers", "parse_placement",
+    "plan_for_file", "resolve_plan",
 ]
 
 ATTN_CORE_RE = re.compile(r"^model\.layers\.(\d+)\.self_attn\.attn$")
+LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+
+# what a GPU holds per element of a weight: matrices dequantized to fp16, vectors float32
+_GPU_MATRIX_BYTES = 2
+_GPU_VECTOR_BYTES = 4
 
 # KV cache element sizes by the engine's --cache-type names
 _KV_BYTES = {"f16": 2, "bf16": 2, "f32": 4}
@@ -232,6 +247,30 @@ def _tensor_bytes(info, split: str, layer_part, vocab, config) -> int:
     return info.n_rows * (cols // info.block_size) * info.type_size
 
 
+def _tensor_elements(info, split: str, layer_part, config) -> int:
+    """Elements of a decoder-layer tensor that one rank holds under ``split`` (the slice
+    ``_tensor_bytes`` counts in bytes, counted in values)."""
+    hd = config.head_dim
+    if split == "replicated":
+        return math.prod(info.shape)
+    if split in ("q_heads", "kv_heads", "ffn_cols"):
+        if split == "q_heads":
+            n = layer_part.heads.n_q * hd
+        elif split == "kv_heads":
+            n = layer_part.heads.n_kv * hd
+        else:
+            n = layer_part.ffn[1] - layer_part.ffn[0]
+        return n if len(info.shape) == 1 else n * info.n_cols     # bias entries / whole rows
+    cols = layer_part.heads.n_q * hd if split == "o_rows" else layer_part.ffn[1] - layer_part.ffn[0]
+    return info.n_rows * cols
+
+
+def gpu_weight_bytes(info, split: str, layer_part, config) -> int:
+    """Bytes of one rank's slice of a decoder-layer tensor on a GPU: fp16 matrices, float32 vectors."""
+    per = _GPU_MATRIX_BYTES if len(info.shape) > 1 else _GPU_VECTOR_BYTES
+    return per * _tensor_elements(info, split, layer_part, config)
+
+
 def kv_cache_bytes(config, layer: int, kv_heads: int, max_seq_len: int, kv_type: str, on_gpu: bool) -> int:
     """K + V bytes of one layer on one rank. The CPU cache of a sliding-window layer is a
     ring of ``min(window, max_seq_len)`` slots; the GPU cache keeps every position."""
@@ -318,23 +357,24 @@ def resolve_plan(config, placement: Placement, tp_size: int, *, tensors: dict,
         if rule is not None:
             used.add(rule.number)
         matched.update(r.number for r in placement.rules if r.matches(names))
-        if device.is_gpu and mod.kind != "attention":
-            raise UnsupportedError(
-                f"{placement.source}: {rule.describe()} places '{mod.name}' on {device}, but only attention "
-                "cores (model.layers.N.self_attn.attn) can run on a GPU; weights stay on the CPU ranks "
-                "(anchor the pattern, e.g. '\\.self_attn\\.attn$')")
         devices = [device.for_rank(local_ranks[r], n_gpus) for r in range(tp_size)]
         if mod.kind == "attention":
             nbytes = [kv_cache_bytes(config, mod.layer, _kv_heads_cached(config, p.layers[mod.layer].heads),
                                      max_seq_len, kv_type, device.is_gpu) for p in parts]
+        elif device.is_gpu and mod.layer is not None:
+            nbytes = [sum(gpu_weight_bytes(tensors[t], split, p.layers[mod.layer], config)
+                          for t, split in mod.tensors) for p in parts]
         else:
             nbytes = [sum(_tensor_bytes(tensors[t], split, None if mod.layer is None else p.layers[mod.layer],
                                         p.vocab, config) for t, split in mod.tensors) for p in parts]
         note = "KV cache" if mod.kind == "attention" else ""
+        if device.is_gpu and mod.kind == "weights" and any(len(tensors[t].shape) > 1 for t, _ in mod.tensors):
+            note = "fp16"
         if any(split == "tied" for _, split in mod.tensors):
             note = "tied to model.embed_tokens"
         entries.append(PlanEntry(mod.name, mod.kind, mod.layer, devices, nbytes, rule,
                                  [t for t, _ in mod.tensors], note))
+    check_gpu_modules(placement.source, entries, tp_size)
     notes = []
     for r in placement.rules:
         if r.number not in matched:
@@ -401,44 +441,145 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- what may be on a GPU
+
+_CPU_ONLY = "the token embedding, the RoPE factors, the final norm and the LM head stay on the CPU ranks"
+
+
+def check_gpu_modules(source: str, entries: list[PlanEntry], tp_size: int) -> None:
+    """Raise PlacementError unless every rank's GPU holds attention cores alone or whole layers.
+
+    ``entries``: every module of the model with its per-rank devices (a plan's entries).
+    A weight-bearing module on a GPU needs every module of its layer (attention core
+    included) on the same device of that rank; modules outside the layers never move.
+    """
+    by_layer: dict[int, list[PlanEntry]] = {}
+    for e in entries:
+        if e.layer is None:
+            gpu = [d for d in e.devices if d != "cpu"]
+            if gpu:
+                raise PlacementError(
+                    f"{source}: {e.rule.describe()} places '{e.module}' on {gpu[0]}, but {_CPU_ONLY}; "
+                    "only decoder layers and attention cores can move (anchor the pattern, e.g. "
+                    "'^model\\.layers\\.')")
+            continue
+        by_layer.setdefault(e.layer, []).append(e)
+    for layer, mods in sorted(by_layer.items()):
+        for r in range(tp_size):
+            on_gpu = [e for e in mods if e.kind == "weights" and e.devices[r] != "cpu"]
+            if not on_gpu:
+                continue
+            first = on_gpu[0]
+            elsewhere = [e for e in mods if e.devices[r] != first.devices[r]]
+            if elsewhere:
+                other = elsewhere[0]
+                rank = f" (rank {r})" if tp_size > 1 else ""
+                raise PlacementError(
+                    f"{source}: {first.rule.describe()} places '{first.module}' on {first.devices[r]}{rank}, "
+                    f"but '{other.module}' of the same layer is on {other.devices[r]}: a GPU takes whole "
+                    f"decoder layers (every module of model.layers.{layer}, its attention core included) or "
+                    f"attention cores alone; match the whole layer, e.g. pattern '^model\\.layers\\.{layer}\\.', "
+                    "or only the attention core, '\\.self_attn\\.attn$'")
+
+
 # ---------------------------------------------------------------- applying to a model
 
 def apply_placement(model, placement: Placement | Plan, state=None, *, n_gpus: int | None = None) -> list[str]:
-    """Replace every attention core placed on a GPU by a DeviceAttention on this rank's GPU.
+    """Move what the placement puts on a GPU there: whole decoder layers (``DeviceDecoderLayer``,
+    weights dequantized once to fp16) and attention cores of the other layers (``DeviceAttention``).
 
     Call after the model is built and before ``model.setup_cache``. ``placement`` is a
-    Placement (decided by module name) or a Plan from ``resolve_plan`` (decided per rank as
-    printed). Returns the names of the replaced modules.
+    Plan from ``resolve_plan`` (decided per rank as printed; rules matched module and
+    tensor names) or a Placement (rules matched against the model's module names only).
+    Returns the names of the replaced modules (``model.layers.N``, ``...self_attn.attn``).
     """
     from .distributed import parallel_state
 
     state = state if state is not None else parallel_state.get()
-    if isinstance(placement, Plan):
-        targets = {e.module: e.devices[state.tp_rank] for e in placement.entries
-                   if e.kind == "attention" and e.devices[state.tp_rank] != "cpu"}
-        gpus = cuda_device_count() if n_gpus is None else n_gpus
-        for name, device in targets.items():
-            index = int(device.split(":")[1])
-            if index >= gpus:
-                raise PlacementError(f"{placement.source}: the plan puts {name} on {device}, "
-                                     f"but this host has {gpus} CUDA GPU(s)")
-        return offload_attention(model, targets)
-    check_devices(placement, n_gpus)
-    if not placement.uses_gpu:
-        return []
     gpus = cuda_device_count() if n_gpus is None else n_gpus
-    targets = {}
-    for name, _module in _attention_cores(model):
+    if isinstance(placement, Plan):
+        entries, rank = placement.entries, state.tp_rank
+        for e in entries:
+            device = e.devices[rank]
+            if device != "cpu" and int(device.split(":")[1]) >= gpus:
+                raise PlacementError(f"{placement.source}: the plan puts {e.module} on {device}, "
+                                     f"but this host has {gpus} CUDA GPU(s)")
+    else:
+        check_devices(placement, n_gpus)
+        if not placement.uses_gpu:
+            return []
+        entries, rank = _model_entries(model, placement, state.local_rank, gpus), 0
+        check_gpu_modules(placement.source, entries, 1)
+    layers, cores = gpu_targets(entries, rank)
+    return offload_layers(model, layers) + offload_attention(model, cores)
+
+
+def gpu_targets(entries: list[PlanEntry], rank: int) -> tuple[dict[int, str], dict[str, str]]:
+    """(whole layers -> device, attention cores of the other layers -> device) of one rank."""
+    layers = {e.layer: e.devices[rank] for e in entries
+              if e.kind == "weights" and e.layer is not None and e.devices[rank] != "cpu"}
+    cores = {e.module: e.devices[rank] for e in entries
+             if e.kind == "attention" and e.devices[rank] != "cpu" and e.layer not in layers}
+    return layers, cores
+
+
+def _model_entries(model, placement: Placement, local_rank: int, gpus: int) -> list[PlanEntry]:
+    """Every placeable module of a built model with the device the rules give it by name."""
+    from .layers.attention import Attention
+    from .layers.embedding import ParallelLMHead, VocabParallelEmbedding
+    from .layers.linear import LinearBase
+    from .layers.norm import RMSNorm
+
+    kinds = (Attention, LinearBase, RMSNorm, VocabParallelEmbedding, ParallelLMHead)
+    out = []
+    for name, module in model.named_modules():
+        if not isinstance(module, kinds):
+            continue
+        m = LAYER_RE.match(name)
         rule = placement.rule_for(name)
-        if rule is not None and rule.device.is_gpu:
-            targets[name] = rule.device.for_rank(state.local_rank, gpus)
-    return offload_attention(model, targets)
+        device = rule.device.for_rank(local_rank, gpus) if rule is not None else "cpu"
+        kind = "attention" if isinstance(module, Attention) else "weights"
+        out.append(PlanEntry(name, kind, int(m.group(1)) if m else None, [device], [0], rule, []))
+    return out
 
 
 def _attention_cores(model):
     from .layers.attention import Attention
 
     return [(n, m) for n, m in model.named_modules() if isinstance(m, Attention) and ATTN_CORE_RE.match(n)]
+
+
+def offload_layers(model, devices: dict[int, str]) -> list[str]:
+    """Replace decoder layer i by a ``DeviceDecoderLayer`` on ``devices[i]`` (``"cuda:0"``;
+    ``"cpu"`` runs the same code path on the CPU, which is how CPU-only machines test it).
+
+    Each layer's quantized weights are dequantized to fp16 on the device and the CPU
+    layer is dropped, so its quantized buffers are freed. Then every device layer is told
+    where the residual stream goes next: the next layer's device when that layer is on a
+    device too (consecutive device layers keep it there), else the CPU.
+    """
+    import torch
+
+    from .layers.device_layer import DeviceDecoderLayer, DeviceTables
+
+    if not devices:
+        return []
+    layers = model.get_submodule("model.layers")
+    bad = sorted(i for i in devices if not 0 <= i < len(layers))
+    if bad:
+        raise TpNumaError(f"placement names decoder layer(s) the model does not have: "
+                          f"{', '.join(f'model.layers.{i}' for i in bad)} (it has {len(layers)})")
+    shared = [m.tables for m in layers if isinstance(m, DeviceDecoderLayer)]
+    tables = shared[0] if shared else DeviceTables()
+    for i in sorted(devices):
+        if isinstance(layers[i], DeviceDecoderLayer):
+            raise TpNumaError(f"model.layers.{i} is already on {layers[i].device}")
+        layers[i] = DeviceDecoderLayer.from_layer(layers[i], devices[i], tables)  # the CPU layer is dropped
+    for i, layer in enumerate(layers):
+        if isinstance(layer, DeviceDecoderLayer):
+            nxt = layers[i + 1] if i + 1 < len(layers) else None
+            layer.exit_device = nxt.device if isinstance(nxt, DeviceDecoderLayer) else torch.device("cpu")
+    return [f"model.layers.{i}" for i in sorted(devices)]
 
 
 def offload_attention(model, devices: dict[str, str]) -> list[str]:

@@ -10,6 +10,7 @@ matches stay on the rank's CPU node::
 
 Devices: ``"cpu"``, ``"cuda"`` (rank r uses ``cuda:(local_rank mod n_gpus)``) or
 ``"cuda:N"`` (that GPU, on every rank of the host). Named presets stand in for a file.
+A GPU takes attention cores alone or whole decoder layers (``tp_numa.offload`` checks).
 
 This module only parses and validates; ``tp_numa.offload`` resolves a config against a
 model (plan) and applies it to a loaded model.
@@ -42,6 +43,14 @@ PRESETS: dict[str, str] = {
 # including the q/k/v and output projections, stays on the CPU ranks.
 [[rule]]
 pattern = '\\.self_attn\\.attn$'
+device = "cuda"
+""",
+    "layers-on-gpu": """\
+# Every decoder layer on the GPU (llama.cpp's -ngl 99): each rank's slice of the layer
+# weights dequantized once to fp16 there, KV cache there too. The token embedding, the
+# final norm and the LM head stay on the CPU ranks, quantized.
+[[rule]]
+pattern = '^model\\.layers\\.\\d+\\.'
 device = "cuda"
 """,
 }

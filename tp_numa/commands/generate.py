@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-type", default="f16", choices=("f16", "bf16", "f32"),
                    help="KV cache element type (default: %(default)s)")
     g.add_argument("--offload", default=None, metavar="FILE|PRESET",
-                   help="placement config (TOML) or preset, e.g. attention-on-gpu")
+                   help="placement config (TOML) or preset: all-cpu, attention-on-gpu, layers-on-gpu")
     options.add_arguments(p)
 
     g = p.add_argument_group("prompt")

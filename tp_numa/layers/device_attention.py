@@ -3,7 +3,10 @@
 Same contract as ``tp_numa.layers.attention.Attention`` (it is a subclass, so code that
 looks for attention layers finds it): ``forward(q, k, v, start_pos)`` with q ``[T, H, D]``
 and k/v ``[T, n_kv, D]`` on the CPU, already projected, normed and RoPE'd by the CPU
-rank, returns float32 ``[T, H*D]`` on the CPU for the output projection. In between:
+rank, returns float32 ``[T, H*D]`` on the CPU for the output projection. Inside a whole
+decoder layer on the device (``tp_numa.layers.device_layer``) q/k/v are already on the
+device: then they are used in place and the output stays there (steps 1 and 4 skipped).
+In between:
 
 1. q/k/v go to the device. On CUDA they are first copied into pinned (page-locked) host
    buffers, so the host->device copies can be asynchronous (``non_blocking``) DMA.
@@ -43,6 +46,9 @@ class DeviceAttention(Attention):
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise TpNumaError(f"layer {layer_idx}: attention is placed on {self.device}, but CUDA is not available")
+        if self.device.type == "cuda" and self.device.index is None:
+            # a concrete index, so tensors' devices compare equal to it
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.compute_dtype = torch.float32
         self._pinned: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
@@ -84,6 +90,8 @@ class DeviceAttention(Attention):
         return buf[:like.numel()].view(like.shape)
 
     def _upload(self, tag: str, t: torch.Tensor) -> torch.Tensor:
+        if t.device == self.device:
+            return t                    # produced on the device (a whole layer there)
         if self.device.type != "cuda":
             return t.to(self.device)
         host = self._staging(tag, t)
@@ -102,14 +110,16 @@ class DeviceAttention(Attention):
 
     # ---- attention ----
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> torch.Tensor:
-        """q [T, n_heads, D], k/v [T, n_kv, D] (CPU) at positions start_pos.. -> float32 [T, n_heads*D] (CPU)."""
+        """q [T, n_heads, D], k/v [T, n_kv, D] at positions start_pos.. -> float32 [T, n_heads*D]
+        on q's device (the CPU, or this module's device when q was computed there)."""
         T = self._check_call(q, k, v, start_pos)
         end = start_pos + T
+        resident = q.device == self.device
         qd = self._upload("q", q)
         self.k_cache[start_pos:end] = self._upload("k", k)
         self.v_cache[start_pos:end] = self._upload("v", v)
         out = self._attend(qd, start_pos, end)
-        return self._download(out)
+        return out if resident else self._download(out)
 
     def _attend(self, q: torch.Tensor, start_pos: int, end: int) -> torch.Tensor:
         """Device-side attention of queries at start_pos..end-1 over the cached keys -> float32 [T, H*D]."""

@@ -1,0 +1,267 @@
+"""A whole decoder layer on another device (a CUDA GPU), its weights dequantized once to fp16.
+
+``DeviceDecoderLayer.from_layer(layer, device)`` turns one loaded decoder layer of this
+rank (``models/llama.py`` DecoderLayer or ``models/gemma3.py`` Gemma3DecoderLayer) into
+the same computation on ``device``:
+
+- every linear layer's slice of this rank (the quantized GGUF rows ``LinearBase`` holds)
+  is dequantized once with ``gguf.quants.dequantize`` and stored as fp16 ``[N_r, K_r]`` on
+  the device, in row chunks so the float32 intermediate stays small; the quantized copy
+  is dropped with the old layer (1x RAM: the CPU keeps no copy of a GPU layer);
+- norms (and q/k/v biases) move as they are (float32 vectors: their bytes are noise,
+  their precision is not);
+- the attention core becomes a ``DeviceAttention`` on the device: q/k/v are produced
+  there, so they are not copied through the host;
+- the forward is plain torch (no fused CPU op), with the model's maths:
+      llama:  h = x + attn(n1(x));              out = h + mlp(n2(h))
+      gemma3: h = x + n2(attn(n1(x)));           out = h + n4(mlp(n3(h)))
+
+Tensor parallelism is unchanged: q/k/v and gate/up are this rank's column slices, o_proj
+and down_proj its row slices, and a row-parallel partial result ``y_r = x_r @ W_r^T`` is
+summed over the ranks through the CPU communicator: device -> pinned host buffer,
+all-reduce on the host, host -> device: two small copies of ``[T, d_model]`` float32 per
+row-parallel layer (o_proj, down_proj), so four per layer and forward; none at tp=1.
+
+The residual stream ``x`` (float32) enters with ``x.to(device)`` (a no-op when the
+previous layer left it there) and leaves towards ``exit_device``: the next layer's device
+when that layer is on a device too, else the CPU (set by ``tp_numa.offload``).
+
+Compute dtype: on CUDA the matmuls run in fp16 (cuBLAS accumulates in fp32) over fp16
+weights, with activations rounded to fp16 at each matmul input; the residual, norms and
+RoPE stay float32, attention runs in the KV cache dtype (``DeviceAttention``). Measured
+activation ranges of the shipped models (max |x| at a matmul input/output: gemma3-270m
+526, qwen2.5-0.5b 574) are far inside fp16. Elsewhere (``device="cpu"``, the stand-in the
+tests use) the same fp16-rounded weights are multiplied in float32, like
+``DeviceAttention`` does (``DeviceLinear.gemm_dtype`` can be set to fp16 there to see
+what the CUDA rounding costs).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import TpNumaError, UnsupportedError
+from .device_attention import DeviceAttention
+from .linear import LinearBase, QKVParallelLinear, RowParallelLinear
+from .norm import RMSNorm
+
+# rows dequantized per step: bounds the float32 intermediate (rows x K x 4 bytes)
+_DEQUANT_ROWS = 1024
+
+
+def dequantized_fp16(layer: LinearBase, device: torch.device) -> torch.Tensor:
+    """This rank's weight slice of ``layer`` as fp16 ``[output_size, input_size]`` on ``device``.
+
+    ``LinearBase`` keeps its slice as runs of raw GGUF rows (uint8 ``[n, row_bytes]``, one
+    GGML type per run, in output order); each run is dequantized by ``gguf.quants`` and
+    rounded to fp16 (round to nearest even).
+    """
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    out = torch.empty((layer.output_size, layer.input_size), dtype=torch.float16, device=device)
+    row = 0
+    for name in layer._runs:
+        rows, qtype = getattr(layer, name), GGMLQuantizationType(getattr(layer, name + "_qtype"))
+        for r0 in range(0, rows.shape[0], _DEQUANT_ROWS):
+            chunk = rows[r0:r0 + _DEQUANT_ROWS]
+            dense = torch.from_numpy(dequantize(chunk.numpy(), qtype))      # (n, K) float32
+            if dense.shape[1] != layer.input_size:
+                raise TpNumaError(f"dequantized rows have {dense.shape[1]} columns, layer expects {layer.input_size}")
+            out[row:row + dense.shape[0]] = dense.to(device=device, dtype=torch.float16)
+            row += dense.shape[0]
+    if row != layer.output_size:
+        raise TpNumaError(f"dequantized {row} rows, layer expects {layer.output_size}")
+    return out
+
+
+class DeviceLinear(nn.Module):
+    """``y = x @ W_r^T (+ b)`` with this rank's fp16 slice ``W_r [N_r, K_r]`` on a device.
+
+    ``reduce``: row-parallel at tp > 1, so ``y`` is a partial sum: all-reduced over the
+    ranks through the host before the bias is added (once, after the sum).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, reduce: bool):
+        super().__init__()
+        self.register_buffer("weight", weight, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+        self.reduce = reduce
+        self.device = weight.device
+        # the GEMM's input dtype: fp16 on CUDA; float32 elsewhere (tests may set fp16 on the
+        # CPU stand-in to see what rounding the activations costs)
+        self.gemm_dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self._host: torch.Tensor | None = None       # pinned staging buffer of the all-reduce
+
+    @classmethod
+    def from_linear(cls, layer: LinearBase, device: torch.device) -> "DeviceLinear":
+        bias = None if layer.bias is None else layer.bias.to(device=device, dtype=torch.float32)
+        reduce = isinstance(layer, RowParallelLinear) and layer.reduce_results and layer.tp_size > 1
+        return cls(dequantized_fp16(layer, device), bias, reduce)
+
+    def extra_repr(self) -> str:
+        n, k = self.weight.shape
+        return (f"in={k}, out={n}, bias={self.bias is not None}, reduce={self.reduce}, fp16 on {self.device}, "
+                f"GEMM in {self.gemm_dtype}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, K_r] float32 on the device -> y [T, N] float32 on the device."""
+        if self.gemm_dtype == torch.float16:
+            y = F.linear(x.to(torch.float16), self.weight).float()   # fp16 GEMM, fp32 accumulate
+        else:
+            y = F.linear(x, self.weight.float())                        # fp32 over the fp16 values
+        if self.reduce:
+            y = self._all_reduce(y)
+        if self.bias is not None:
+            y.add_(self.bias)           # y is fresh
+        return y
+
+    def _all_reduce(self, y: torch.Tensor) -> torch.Tensor:
+        """Sum of every rank's ``y``, via the CPU communicator (the ranks meet on the host)."""
+        from ..distributed import communicator
+
+        if y.device.type == "cpu":
+            return communicator.all_reduce(y.contiguous())
+        if self._host is None or self._host.numel() < y.numel():
+            self._host = torch.empty(y.numel(), dtype=torch.float32, pin_memory=True)
+        host = self._host[:y.numel()].view(y.shape)
+        host.copy_(y)                   # blocking: waits for the GEMM
+        communicator.all_reduce(host)
+        y.copy_(host)                   # blocking too: `host` is free for the next call
+        return y
+
+
+class DeviceRMSNorm(nn.Module):
+    """``y = x / sqrt(mean(x^2) + eps) * w`` over the last dim, plain torch, float32 on the device."""
+
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.register_buffer("weight", weight, persistent=False)
+        self.eps = eps
+
+    @classmethod
+    def from_norm(cls, norm: RMSNorm, device: torch.device) -> "DeviceRMSNorm":
+        return cls(norm.weight.to(device=device, dtype=torch.float32), norm.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class DeviceSelfAttention(nn.Module):
+    """q/k/v projection, q/k norms, RoPE, attention over the device KV cache, o_proj."""
+
+    def __init__(self, attn, device: torch.device):
+        super().__init__()
+        qkv: QKVParallelLinear = attn.qkv_proj
+        self.local_heads = list(qkv.local_heads)          # n_q, n_kv, n_kv
+        self.head_dim = qkv.head_dim
+        self.qkv_proj = DeviceLinear.from_linear(qkv, device)
+        self.q_norm = None if attn.q_norm is None else DeviceRMSNorm.from_norm(attn.q_norm, device)
+        self.k_norm = None if attn.k_norm is None else DeviceRMSNorm.from_norm(attn.k_norm, device)
+        self.rotary_emb = attn.rotary_emb                 # shared with the model (cos/sin come in)
+        self.register_buffer("kv_expand", None if attn.kv_expand is None else attn.kv_expand.to(device),
+                             persistent=False)
+        self.attn = DeviceAttention.from_attention(attn.attn, device)
+        self.o_proj = DeviceLinear.from_linear(attn.o_proj, device)
+
+    def forward(self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [T, d] (normed) -> [T, d] (summed over ranks), all on the device."""
+        T = x.shape[0]
+        qkv = self.qkv_proj(x).view(T, -1, self.head_dim)                       # (T, n_q + 2 n_kv, hd)
+        q, k, v = qkv.split_with_sizes(self.local_heads, dim=1)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)                               # per-head RMSNorm
+        q, k = self.rotary_emb(q, cos, sin), self.rotary_emb(k, cos, sin)
+        if self.kv_expand is not None:
+            k, v = k[:, self.kv_expand], v[:, self.kv_expand]                   # (T, n_q, hd)
+        out = self.attn(q, k, v, start_pos)                                     # (T, n_q * hd), on the device
+        return self.o_proj(out)
+
+
+class DeviceMLP(nn.Module):
+    """``down(act(gate) * up)`` on this rank's features."""
+
+    def __init__(self, mlp, device: torch.device):
+        super().__init__()
+        self.local_sizes = list(mlp.gate_up_proj.local_sizes)
+        self.act = mlp.act
+        self.gate_up_proj = DeviceLinear.from_linear(mlp.gate_up_proj, device)
+        self.down_proj = DeviceLinear.from_linear(mlp.down_proj, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = torch.split(self.gate_up_proj(x), self.local_sizes, dim=1)   # (T, f_r) each
+        act = F.gelu(gate, approximate="tanh") if self.act == "gelu_tanh" else F.silu(gate)
+        return self.down_proj(act * up)
+
+
+class DeviceTables:
+    """RoPE cos/sin of the current positions copied to a device once per forward, shared by
+    the device layers that use the same rotary table (keyed by table, device, positions)."""
+
+    def __init__(self):
+        self._last: dict[tuple, tuple[int, int, torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, rotary: nn.Module, cos_sin, start_pos: int, device: torch.device):
+        cos, sin = cos_sin
+        if cos.device == device:
+            return cos, sin
+        key = (id(rotary), device)
+        hit = self._last.get(key)
+        if hit is not None and hit[0] == start_pos and hit[1] == cos.shape[0]:
+            return hit[2], hit[3]
+        entry = (start_pos, cos.shape[0], cos.to(device), sin.to(device))
+        self._last[key] = entry
+        return entry[2], entry[3]
+
+
+_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+
+
+class DeviceDecoderLayer(nn.Module):
+    """One decoder layer of this rank on ``device``; same module names as the CPU layer."""
+
+    def __init__(self, layer: nn.Module, device: torch.device | str, tables: DeviceTables | None = None):
+        super().__init__()
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise TpNumaError(f"a decoder layer is placed on {device}, but CUDA is not available")
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())   # comparable with tensors' devices
+        missing = [n for n in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+                   if not hasattr(layer, n)]
+        if missing:
+            raise UnsupportedError(f"{type(layer).__name__} cannot be placed on a GPU: it has no {', '.join(missing)}")
+        self.device = device
+        self.exit_device = torch.device("cpu")
+        # gemma3's sandwich: a norm after each sub-block, the FFN's input norm separate
+        self.sandwich = hasattr(layer, "pre_feedforward_layernorm")
+        for name in _NORMS:
+            if hasattr(layer, name):
+                setattr(self, name, DeviceRMSNorm.from_norm(getattr(layer, name), device))
+        self.self_attn = DeviceSelfAttention(layer.self_attn, device)
+        self.mlp = DeviceMLP(layer.mlp, device)
+        self.layer_idx = layer.self_attn.layer_idx
+        self.tables = tables if tables is not None else DeviceTables()
+
+    @classmethod
+    def from_layer(cls, layer: nn.Module, device: torch.device | str,
+                   tables: DeviceTables | None = None) -> "DeviceDecoderLayer":
+        """Dequantizes ``layer``'s weights onto ``device``; the caller drops ``layer`` afterwards."""
+        return cls(layer, device, tables)
+
+    def extra_repr(self) -> str:
+        return f"layer {self.layer_idx} on {self.device}, exit to {self.exit_device}"
+
+    def forward(self, x: torch.Tensor, start_pos: int, cos_sin) -> torch.Tensor:
+        """x [T, d] float32 (any device) -> [T, d] float32 on ``exit_device``."""
+        x = x.to(self.device)
+        cos, sin = self.tables.get(self.self_attn.rotary_emb, cos_sin, start_pos, self.device)
+        a = self.self_attn(self.input_layernorm(x), start_pos, cos, sin)     # (T, d)
+        if self.sandwich:
+            h = x + self.post_attention_layernorm(a)
+            out = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        else:
+            h = x + a
+            out = h + self.mlp(self.post_attention_layernorm(h))
+        return out if out.device == self.exit_device else out.to(self.exit_device)
