@@ -21,10 +21,10 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize
 
 from mpi_util import mpirun_or_skip
+from offload_util import F32, rel_err, run
 from synthetic_gguf import Spec, _gelu_tanh, _rms, _rope, gemma3_spec, read_float_weights, reference_logits, write_model
 from tp_numa import offload
 from tp_numa.config import ModelConfig
@@ -227,31 +227,12 @@ def test_layer_on_cuda_without_cuda_is_an_error(tmp_path):
 # ---------------------------------------------------------------- the code path ("cpu" stand-in)
 
 TOKENS = [5, 17, 3, 250, 42, 42, 7, 300, 1, 99, 128, 64, 11, 200]
-F32 = dict(weight_type=QT.F32, embed_type=QT.F32, down_type=QT.F32, v_type=QT.F32)
 SPECS = {
     "llama": lambda: Spec(arch="llama", n_layers=4, **F32),
     "qwen2": lambda: Spec(arch="qwen2", n_layers=4, **F32),
     "qwen3": lambda: Spec(arch="qwen3", n_layers=4, **F32),
     "gemma3": lambda: gemma3_spec(**F32),
 }
-
-
-def run(model, tokens, cache, chunks, ctx=64):
-    model.setup_cache(ctx, cache)
-    ids, out, pos = torch.as_tensor(tokens), [], 0
-    with torch.no_grad():
-        for c in chunks:
-            out.append(model(ids[pos:pos + c], pos).float())
-            pos += c
-    return torch.cat(out)
-
-
-def rel_err(ours, ref) -> float:
-    """||ours - ref|| / ||ref - mean(ref)|| per row, worst row."""
-    ours, ref = np.asarray(ours, dtype=np.float64), np.asarray(ref, dtype=np.float64)
-    num = np.linalg.norm(ours - ref, axis=-1)
-    den = np.linalg.norm(ref - ref.mean(-1, keepdims=True), axis=-1)
-    return float((num / den).max())
 
 
 def fp16_rounded(W: dict, layers) -> dict:

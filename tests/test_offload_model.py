@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType as QT
 
 from mpi_util import mpirun_or_skip
+from offload_util import F32, rel_err, run
 from synthetic_gguf import Spec, gemma3_spec, read_float_weights, reference_logits, write_model
 from tp_numa import offload
 from tp_numa.distributed.parallel_state import ParallelState
@@ -32,7 +32,6 @@ from tp_numa.placement import PlacementError
 
 HAS_CUDA = torch.cuda.is_available()
 TOKENS = [5, 17, 3, 250, 42, 42, 7, 300, 1, 99, 128, 64, 11, 200]
-F32 = dict(weight_type=QT.F32, embed_type=QT.F32, down_type=QT.F32, v_type=QT.F32)
 SPECS = {
     "llama": lambda: Spec(arch="llama", **F32),
     "qwen2": lambda: Spec(arch="qwen2", **F32),
@@ -43,25 +42,6 @@ SPECS = {
 
 def cores(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, Attention)]
-
-
-def run(model, tokens, cache, chunks, ctx=64):
-    """Feeds ``tokens`` in the given chunk sizes (prefill chunks, then 1-token decodes)."""
-    model.setup_cache(ctx, cache)
-    ids, out, pos = torch.as_tensor(tokens), [], 0
-    with torch.no_grad():
-        for c in chunks:
-            out.append(model(ids[pos:pos + c], pos).float())
-            pos += c
-    return torch.cat(out)
-
-
-def rel_err(ours, ref) -> float:
-    """||ours - ref|| / ||ref - mean(ref)|| per row, worst row."""
-    ours, ref = np.asarray(ours, dtype=np.float64), np.asarray(ref, dtype=np.float64)
-    num = np.linalg.norm(ours - ref, axis=-1)
-    den = np.linalg.norm(ref - ref.mean(-1, keepdims=True), axis=-1)
-    return float((num / den).max())
 
 
 @pytest.mark.parametrize("arch", list(SPECS))
