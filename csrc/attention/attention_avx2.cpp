@@ -16,6 +16,7 @@
 
 #include "attention/attention_kernels.h"
 #include "attention/avx2_math.h"
+#include "simd/avx2_reduce.h"
 
 namespace tp_numa::attn {
 namespace {
@@ -31,20 +32,6 @@ inline __m256 load8(const void* base, int64_t i) {
     } else {
         return _mm256_loadu_ps(static_cast<const float*>(base) + i);
     }
-}
-
-inline float hmax(__m256 v) {
-    __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
-    x = _mm_max_ss(x, _mm_movehdup_ps(x));
-    return _mm_cvtss_f32(x);
-}
-
-inline float hsum(__m256 v) {
-    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-    x = _mm_add_ss(x, _mm_movehdup_ps(x));
-    return _mm_cvtss_f32(x);
 }
 
 // Four horizontal sums at once: lane i of the result = sum of a_i.
@@ -151,7 +138,7 @@ void decode_tile(const Geometry& g, const float* qs, int kv_head, int64_t j0, in
         __m256 vm = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
         int64_t j = 0;
         for (; j + 8 <= n; j += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(sh + j));
-        float mx = hmax(vm);
+        float mx = simd::hmax_ps(vm);
         for (; j < n; ++j) mx = std::max(mx, sh[j]);
         const __m256 vmx = _mm256_set1_ps(mx);
         __m256 vl = _mm256_setzero_ps();
@@ -160,7 +147,7 @@ void decode_tile(const Geometry& g, const float* qs, int kv_head, int64_t j0, in
             _mm256_storeu_ps(sh + j, p);
             vl = _mm256_add_ps(vl, p);
         }
-        float sum = hsum(vl);
+        float sum = simd::hsum_ps(vl);
         for (; j < n; ++j) {
             sh[j] = std::exp(sh[j] - mx);
             sum += sh[j];
@@ -265,7 +252,7 @@ void prefill_block_avx2(const Geometry& g, const float* q, int64_t n_keys, int64
                     s[c] = _mm256_blendv_ps(ninf, _mm256_mul_ps(s[c], vscale), _mm256_castsi256_ps(in));
                     vmax = _mm256_max_ps(vmax, s[c]);
                 }
-                const float m_new = std::max(m[r], hmax(vmax));
+                const float m_new = std::max(m[r], simd::hmax_ps(vmax));
                 const float corr = std::exp(m[r] - m_new);
                 const __m256 vm = _mm256_set1_ps(m_new);
                 __m256 vsum = _mm256_setzero_ps();
@@ -276,7 +263,7 @@ void prefill_block_avx2(const Geometry& g, const float* q, int64_t n_keys, int64
                     _mm256_storeu_ps(sc + 8 * c, p);
                     vsum = _mm256_add_ps(vsum, p);
                 }
-                l[r] = l[r] * corr + hsum(vsum);
+                l[r] = l[r] * corr + simd::hsum_ps(vsum);
                 m[r] = m_new;
                 float* ar = acc + r * D;
                 const __m256 vcorr = _mm256_set1_ps(corr);

@@ -8,16 +8,10 @@
 
 #include "attention/avx2_math.h"
 #include "fused/fused_kernels.h"
+#include "simd/avx2_reduce.h"
 
 namespace tp_numa::fused {
 namespace {
-
-inline float hsum(__m256 v) {
-    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-    x = _mm_add_ss(x, _mm_movehdup_ps(x));
-    return _mm_cvtss_f32(x);
-}
 
 void rms_norm_row_avx2(const float* x, const float* w, float eps, int64_t d, float* y) {
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
@@ -31,7 +25,7 @@ void rms_norm_row_avx2(const float* x, const float* w, float eps, int64_t d, flo
         const __m256 v = _mm256_loadu_ps(x + i);
         a0 = _mm256_fmadd_ps(v, v, a0);
     }
-    float ss = hsum(_mm256_add_ps(a0, a1));
+    float ss = simd::hsum_ps(_mm256_add_ps(a0, a1));
     for (; i < d; ++i) ss += x[i] * x[i];
     const float inv = 1.f / std::sqrt(ss / float(d) + eps);
     const __m256 vinv = _mm256_set1_ps(inv);

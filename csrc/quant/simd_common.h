@@ -4,6 +4,7 @@
 #include <immintrin.h>
 
 #include "quant/blocks.h"
+#include "simd/avx2_reduce.h"
 
 namespace tp_numa::quant {
 extern float g_f16_table[65536];  // f16_table.cpp
@@ -11,12 +12,8 @@ extern float g_f16_table[65536];  // f16_table.cpp
 
 namespace tp_numa::quant::simd {
 
-inline float hsum_ps(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
+using tp_numa::simd::hmax_ps;
+using tp_numa::simd::hsum_ps;
 
 inline int hsum_i32_128(__m128i s) {
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
@@ -29,13 +26,6 @@ inline int hsum_i32(__m256i v) {
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
     return _mm_cvtsi128_si32(s);
-}
-
-inline float hmax_ps(__m256 v) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_max_ss(m, _mm_movehdup_ps(m));
-    return _mm_cvtss_f32(m);
 }
 
 inline float f16(f16_t h) { return g_f16_table[h]; }
