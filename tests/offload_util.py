@@ -2,9 +2,18 @@
 synthetic model types, a chunked forward, and the relative error they compare with."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
+
+from mpi_util import mpirun_or_skip
+
+HERE = Path(__file__).resolve().parent
 
 # every tensor F32: no activation quantization, so offloaded and CPU paths differ by
 # float rounding only
@@ -21,6 +30,22 @@ def run(model, tokens, cache, chunks, ctx=64) -> torch.Tensor:
             out.append(model(ids[pos:pos + c], pos).float())
             pos += c
     return torch.cat(out)
+
+
+def offload_worker_logits(path, out, tokens, chunks, layers=(), np_: int = 2) -> np.ndarray:
+    """Logits [len(tokens), vocab] of tests/offload_worker.py under ``mpirun -np np_``
+    (one thread per rank): every rank offloads its attention cores to the "cpu" stand-in,
+    and the decoder layers ``layers`` whole. Skips the calling test without mpirun."""
+    mpirun = mpirun_or_skip()
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(HERE.parent))
+    cmd = [mpirun, "--oversubscribe", "-np", str(np_), sys.executable, str(HERE / "offload_worker.py"),
+           str(path), str(out), "--tokens", ",".join(map(str, tokens)), "--chunks", ",".join(map(str, chunks))]
+    if layers:
+        cmd += ["--layers", ",".join(map(str, layers))]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return np.load(out)
 
 
 def rel_err(ours, ref) -> float:

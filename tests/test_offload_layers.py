@@ -11,11 +11,7 @@ Oracles:
 - tp=2 under mpirun: the tp=1 run of the same placement.
 """
 import math
-import os
-import subprocess
-import sys
 import weakref
-from pathlib import Path
 
 import gguf
 import numpy as np
@@ -24,7 +20,7 @@ import torch
 from gguf.quants import dequantize
 
 from mpi_util import mpirun_or_skip
-from offload_util import F32, rel_err, run
+from offload_util import F32, offload_worker_logits, rel_err, run
 from synthetic_gguf import Spec, _gelu_tanh, _rms, _rope, gemma3_spec, read_float_weights, reference_logits, write_model
 from tp_numa import offload
 from tp_numa.config import ModelConfig
@@ -429,7 +425,7 @@ def test_offloaded_layers_tp2_match_single_rank(tmp_path, arch):
     """Every rank dequantizes its own slices; the row-parallel partial sums meet in the
     host all-reduce. Layers 1-2 whole on the stand-in device, the other layers' attention
     cores offloaded: tp=2 gives the tp=1 logits."""
-    mpirun = mpirun_or_skip()
+    mpirun_or_skip()
     spec = SPECS[arch]()
     path = write_model(tmp_path / f"{arch}.gguf", spec)
     chunks, whole = [6, 1, 1, 4, 1, 1], [1, 2]
@@ -438,16 +434,8 @@ def test_offloaded_layers_tp2_match_single_rank(tmp_path, arch):
     offload.offload_attention(model, {f"model.layers.{i}.self_attn.attn": "cpu"
                                       for i in range(cfg.n_layers) if i not in whole})
     want = run(model, TOKENS, "f32", chunks, ctx=len(TOKENS))
-    here = Path(__file__).resolve().parent
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(here.parent))
-    out = tmp_path / "logits.npy"
-    proc = subprocess.run([mpirun, "--oversubscribe", "-np", "2", sys.executable, str(here / "offload_worker.py"),
-                           str(path), str(out), "--tokens", ",".join(map(str, TOKENS)),
-                           "--chunks", ",".join(map(str, chunks)), "--layers", ",".join(map(str, whole))],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert rel_err(np.load(out), want) < 1e-4
+    got = offload_worker_logits(path, tmp_path / "logits.npy", TOKENS, chunks, layers=whole)
+    assert rel_err(got, want) < 1e-4
 
 
 # ---------------------------------------------------------------- CUDA (skipped without a GPU)

@@ -285,23 +285,17 @@ def test_block_info_unknown_type():
         ops.block_info(int(T.IQ2_XXS))
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_K, T.F32], ids=lambda t: t.name)
-def test_opcheck(qtype):
-    rng = np.random.default_rng(7)
+OPCHECK_CASES = [("quant_matmul", t) for t in (T.Q4_0, T.Q4_K, T.F32)] + \
+                [("quant_matmul_exact", t) for t in (T.Q5_0, T.Q6_K, T.F16)]
+
+
+@pytest.mark.parametrize("op, qtype", OPCHECK_CASES, ids=lambda c: c if isinstance(c, str) else c.name)
+def test_opcheck(op, qtype):
+    rng = np.random.default_rng(7 if op == "quant_matmul" else 8)
     blk = max(GGML_QUANT_SIZES[qtype][0], 32)
     raw, _ = make_weight(qtype, 9, 2 * blk, rng)
     x = torch.from_numpy(rng.standard_normal((3, 2 * blk)).astype(np.float32))
-    torch.library.opcheck(torch.ops.tp_numa.quant_matmul.default, (x, torch.from_numpy(raw), int(qtype)),
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
-
-
-@pytest.mark.parametrize("qtype", [T.Q5_0, T.Q6_K, T.F16], ids=lambda t: t.name)
-def test_opcheck_exact(qtype):
-    rng = np.random.default_rng(8)
-    blk = max(GGML_QUANT_SIZES[qtype][0], 32)
-    raw, _ = make_weight(qtype, 9, 2 * blk, rng)
-    x = torch.from_numpy(rng.standard_normal((3, 2 * blk)).astype(np.float32))
-    torch.library.opcheck(torch.ops.tp_numa.quant_matmul_exact.default, (x, torch.from_numpy(raw), int(qtype)),
+    torch.library.opcheck(getattr(torch.ops.tp_numa, op).default, (x, torch.from_numpy(raw), int(qtype)),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 

@@ -23,6 +23,18 @@ def load_extension() -> None:
     _loaded = True
 
 
+def ops_registered(*names: str) -> bool:
+    """True when the extension loads and registers every op ``torch.ops.tp_numa.<name>``
+    (the ``available()`` check of each op family: quant, attention, fused, shm)."""
+    try:
+        load_extension()
+    except TpNumaError:
+        return False
+    import torch
+
+    return all(hasattr(torch.ops.tp_numa, name) for name in names)
+
+
 def kernel_isa() -> str:
     """The SIMD path the quantized kernels use now: 'avx512vnni', 'avx512', 'avx2' or 'scalar'."""
     load_extension()

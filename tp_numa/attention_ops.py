@@ -26,14 +26,10 @@ _OPS = ("attn_decode", "attn_decode_update", "attn_prefill")
 
 
 def available() -> bool:
-    """True when the extension is built and registers the attention ops."""
-    try:
-        from ._ext import load_extension
+    """True when the extension is built and registers these ops."""
+    from ._ext import ops_registered
 
-        load_extension()
-    except Exception:
-        return False
-    return all(hasattr(torch.ops.tp_numa, name) for name in _OPS)
+    return ops_registered(*_OPS)
 
 
 def attn_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_keys: int,

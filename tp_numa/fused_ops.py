@@ -25,13 +25,10 @@ _OPS = ("rms_norm", "add_rms_norm_", "rope_", "act_mul")
 
 
 def available() -> bool:
-    try:
-        from ._ext import load_extension
+    """True when the extension is built and registers these ops."""
+    from ._ext import ops_registered
 
-        load_extension()
-    except Exception:
-        return False
-    return all(hasattr(torch.ops.tp_numa, name) for name in _OPS)
+    return ops_registered(*_OPS)
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:

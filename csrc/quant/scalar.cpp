@@ -15,6 +15,7 @@
 // types) is computed in fp32 first; T only decides the precision of the running sum.
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "quant/kernels.h"
 
@@ -184,9 +185,12 @@ T dot_iq4_nl(int nb, const uint8_t* w, const void* act) {
     return acc;
 }
 
-template <class T>
-T dot_q4_k(int nb, const uint8_t* w, const void* act) {
-    const auto* x = reinterpret_cast<const BlockQ4_K*>(w);
+// Q4_K and Q5_K: the same super-block (8 sub-blocks with 6-bit scales and mins); Q5_K adds
+// a 5th bit per element: bit j of qh[l] belongs to sub-block j, element l.
+template <class T, class Block>
+T dot_k_scale_min(int nb, const uint8_t* w, const void* act) {
+    constexpr bool kHighBit = std::is_same_v<Block, BlockQ5_K>;
+    const auto* x = reinterpret_cast<const Block*>(w);
     const auto* a = static_cast<const BlockQ8K*>(act);
     T acc = 0;
     for (int i = 0; i < nb; ++i) {
@@ -199,7 +203,11 @@ T dot_q4_k(int nb, const uint8_t* w, const void* act) {
             const int shift = 4 * (j % 2);
             const int8_t* q8 = a[i].qs + 32 * j;
             int s = 0;
-            for (int l = 0; l < 32; ++l) s += ((qs[l] >> shift) & 0xf) * q8[l];
+            for (int l = 0; l < 32; ++l) {
+                int q = (qs[l] >> shift) & 0xf;
+                if constexpr (kHighBit) q |= ((x[i].qh[l] >> j) & 1) << 4;
+                s += q * q8[l];
+            }
             sum_q += sm[j] * s;
             sum_m += sm[8 + j] * (a[i].bsums[2 * j] + a[i].bsums[2 * j + 1]);
         }
@@ -209,29 +217,13 @@ T dot_q4_k(int nb, const uint8_t* w, const void* act) {
 }
 
 template <class T>
+T dot_q4_k(int nb, const uint8_t* w, const void* act) {
+    return dot_k_scale_min<T, BlockQ4_K>(nb, w, act);
+}
+
+template <class T>
 T dot_q5_k(int nb, const uint8_t* w, const void* act) {
-    const auto* x = reinterpret_cast<const BlockQ5_K*>(w);
-    const auto* a = static_cast<const BlockQ8K*>(act);
-    T acc = 0;
-    for (int i = 0; i < nb; ++i) {
-        uint8_t sm[16];
-        k_scales_mins(x[i].scales, sm);
-        int sum_q = 0, sum_m = 0;
-        for (int j = 0; j < 8; ++j) {
-            const uint8_t* qs = x[i].qs + 32 * (j / 2);
-            const int shift = 4 * (j % 2);
-            const int8_t* q8 = a[i].qs + 32 * j;
-            int s = 0;
-            for (int l = 0; l < 32; ++l) {
-                const int q = ((qs[l] >> shift) & 0xf) | (((x[i].qh[l] >> j) & 1) << 4);
-                s += q * q8[l];
-            }
-            sum_q += sm[j] * s;
-            sum_m += sm[8 + j] * (a[i].bsums[2 * j] + a[i].bsums[2 * j + 1]);
-        }
-        acc += float(a[i].d * (f16_to_f32(x[i].d) * float(sum_q) - f16_to_f32(x[i].dmin) * float(sum_m)));
-    }
-    return acc;
+    return dot_k_scale_min<T, BlockQ5_K>(nb, w, act);
 }
 
 template <class T>

@@ -22,7 +22,7 @@ import secrets
 
 import torch
 
-from .._ext import load_extension
+from .._ext import load_extension, ops_registered
 from ..errors import TpNumaError
 
 _FLOAT_TYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -30,11 +30,7 @@ _FLOAT_TYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 def available() -> bool:
     """True when the native extension with the shm ops is importable."""
-    try:
-        load_extension()
-    except TpNumaError:
-        return False
-    return hasattr(torch.ops.tp_numa, "shm_all_reduce")
+    return ops_registered("shm_all_reduce")
 
 
 def comm_timeout() -> float:
