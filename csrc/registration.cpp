@@ -12,6 +12,10 @@ TORCH_LIBRARY(tp_numa, m) {
     // ---- quantized linear (csrc/quant) ----
     m.def("quant_matmul(Tensor x, Tensor w, int qtype) -> Tensor");
     m.def("quant_matmul_exact(Tensor x, Tensor w, int qtype) -> Tensor");
+    m.def("pack_x4(Tensor w, int qtype) -> Tensor");
+    m.def("unpack_x4(Tensor wp, int qtype, int n) -> Tensor");
+    m.def("quant_matmul_x4(Tensor x, Tensor wp, int qtype, int n) -> Tensor");
+    m.def("quant_matmul_x4_exact(Tensor x, Tensor wp, int qtype, int n) -> Tensor");
     // no tensor arguments: bound here as catch-all kernels
     m.def("kernel_isa() -> str", &tp_numa::kernel_isa);
     m.def("set_kernel_isa(str isa) -> ()", &tp_numa::set_kernel_isa);
@@ -46,6 +50,10 @@ TORCH_LIBRARY(tp_numa, m) {
 TORCH_LIBRARY_IMPL(tp_numa, CPU, m) {
     m.impl("quant_matmul", &tp_numa::quant_matmul);
     m.impl("quant_matmul_exact", &tp_numa::quant_matmul_exact);
+    m.impl("pack_x4", &tp_numa::pack_x4);
+    m.impl("unpack_x4", &tp_numa::unpack_x4);
+    m.impl("quant_matmul_x4", &tp_numa::quant_matmul_x4);
+    m.impl("quant_matmul_x4_exact", &tp_numa::quant_matmul_x4_exact);
     m.impl("read_bandwidth_probe", &tp_numa::read_bandwidth_probe);
     // shared-memory collectives
     m.impl("shm_all_reduce", &tp_numa::shm_all_reduce);

@@ -78,17 +78,26 @@ def act_error_bound(qtype: T, x: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 
 def check(qtype: T, m: int, n: int, k: int, isa: str, seed: int = 0, dtype=torch.float32,
-          exact: bool = False) -> None:
+          exact: bool = False, packed: bool = False) -> None:
+    """``packed``: the weight goes through ``ops.pack_x4`` and the x4 ops."""
     rng = np.random.default_rng(seed + 1000 * int(qtype) + m + n + k)
     raw, w = make_weight(qtype, n, k, rng)
     x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32)).to(dtype)
     ops.set_kernel_isa(isa)
+    wt = torch.from_numpy(raw)
+    if packed:
+        wp = ops.pack_x4(wt, int(qtype))
+        fast = lambda: ops.quant_matmul_x4(x, wp, int(qtype), n)            # noqa: E731
+        slow = lambda: ops.quant_matmul_x4_exact(x, wp, int(qtype), n)      # noqa: E731
+    else:
+        fast = lambda: ops.quant_matmul(x, wt, int(qtype))                  # noqa: E731
+        slow = lambda: ops.quant_matmul_exact(x, wt, int(qtype))            # noqa: E731
     if exact:
-        y = ops.quant_matmul_exact(x, torch.from_numpy(raw), int(qtype))
+        y = slow()
         assert y.shape == (m, n) and y.dtype == torch.float64
         y = y.to(dtype)
     else:
-        y = ops.quant_matmul(x, torch.from_numpy(raw), int(qtype))
+        y = fast()
     assert y.shape == (m, n) and y.dtype == dtype
     xd = x.double().numpy()
     ref = xd @ w.T

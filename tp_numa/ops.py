@@ -98,6 +98,35 @@ def quant_matmul_exact(x: torch.Tensor, w: torch.Tensor, qtype: int) -> torch.Te
     return torch.ops.tp_numa.quant_matmul_exact(x, w, int(qtype))
 
 
+# GGML types with an x4 layout (csrc/quant/packed_x4.h): Q4_0, Q5_0, Q8_0.
+X4_QTYPES: tuple[int, ...] = (2, 6, 8)
+
+
+def pack_x4(w: torch.Tensor, qtype: int) -> torch.Tensor:
+    """Raw GGUF rows uint8 ``[N, row_bytes]`` -> the x4 layout ``[ceil(N/4), 4 * row_bytes]``.
+
+    Four rows interleaved block by block (same bytes per weight; a last group of N % 4 rows
+    is padded with zero blocks): the decode GEMV then reads one stream, shares each
+    activation load among 4 rows and needs no horizontal sums. Types: ``X4_QTYPES``.
+    """
+    return torch.ops.tp_numa.pack_x4(w, int(qtype))
+
+
+def unpack_x4(wp: torch.Tensor, qtype: int, n: int) -> torch.Tensor:
+    """The raw GGUF rows ``[n, row_bytes]`` of an x4-packed weight of n rows."""
+    return torch.ops.tp_numa.unpack_x4(wp, int(qtype), int(n))
+
+
+def quant_matmul_x4(x: torch.Tensor, wp: torch.Tensor, qtype: int, n: int) -> torch.Tensor:
+    """``quant_matmul`` on an x4-packed weight of n rows: x [M, K] -> [M, n]."""
+    return torch.ops.tp_numa.quant_matmul_x4(x, wp, int(qtype), int(n))
+
+
+def quant_matmul_x4_exact(x: torch.Tensor, wp: torch.Tensor, qtype: int, n: int) -> torch.Tensor:
+    """``quant_matmul_exact`` on an x4-packed weight of n rows (float64 [M, n])."""
+    return torch.ops.tp_numa.quant_matmul_x4_exact(x, wp, int(qtype), int(n))
+
+
 def kernel_isa() -> str:
     """The kernel variant in use: 'avx512vnni', 'avx512', 'avx2' or 'scalar'."""
     return torch.ops.tp_numa.kernel_isa()
@@ -131,6 +160,23 @@ def _register_fakes() -> None:
     def _quant_matmul_exact_fake(x, w, qtype):
         torch._check(x.dim() == 2 and w.dim() == 2, lambda: "quant_matmul_exact: x and w must be 2-D")
         return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float64)
+
+
+    @torch.library.register_fake("tp_numa::pack_x4")
+    def _pack_x4_fake(w, qtype):
+        return w.new_empty(((w.shape[0] + 3) // 4, 4 * w.shape[1]))
+
+    @torch.library.register_fake("tp_numa::unpack_x4")
+    def _unpack_x4_fake(wp, qtype, n):
+        return wp.new_empty((n, wp.shape[1] // 4))
+
+    @torch.library.register_fake("tp_numa::quant_matmul_x4")
+    def _quant_matmul_x4_fake(x, wp, qtype, n):
+        return x.new_empty((x.shape[0], n))
+
+    @torch.library.register_fake("tp_numa::quant_matmul_x4_exact")
+    def _quant_matmul_x4_exact_fake(x, wp, qtype, n):
+        return x.new_empty((x.shape[0], n), dtype=torch.float64)
 
 
 load_extension()

@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "quant/blocks.h"
+#include "quant/packed_x4.h"
 
 namespace tp_numa::quant {
 
@@ -91,6 +92,11 @@ struct Kernels {
     TileFn tile[32];  // nullptr: prefill loops the rows kernel over activation rows
     RowsExactFn rows_exact[32];  // nullptr: use the scalar reference's
     TileExactFn tile_exact[32];
+    // x4 layout (packed_x4.h): nullptr = the driver unpacks groups for the rows kernels
+    RowsX4Fn rows_x4[32];
+    RowsX4ExactFn rows_x4_exact[32];
+    TileX4Fn tile_x4[32];
+    TileX4ExactFn tile_x4_exact[32];
     QuantizeFn quantize_q8a;
     QuantizeFn quantize_q8k;
 };

@@ -44,9 +44,9 @@ uint8_t* scratch(std::vector<uint8_t>& buf, size_t bytes) {
     return buf.data();
 }
 
-// Prepares rows [m0, m1) of x into act (act_bytes per row).
+// Prepares rows [m0, m1) of x into act (act_bytes per row; row m at act + (m - base) * act_bytes).
 void prepare_rows(const at::Tensor& x, int64_t m0, int64_t m1, ActKind kind, const Kernels& k,
-                  uint8_t* act, size_t act_bytes) {
+                  uint8_t* act, size_t act_bytes, int64_t base = 0) {
     const int64_t K = x.size(1);
     const bool is_bf16 = x.scalar_type() == at::kBFloat16;
     thread_local std::vector<uint8_t> row_buf;
@@ -55,16 +55,16 @@ void prepare_rows(const at::Tensor& x, int64_t m0, int64_t m1, ActKind kind, con
         const float* xr;
         if (is_bf16) {
             const auto* src = x.data_ptr<at::BFloat16>() + m * K;
-            float* dst = kind == ActKind::kFloat ? reinterpret_cast<float*>(act + m * act_bytes) : tmp;
+            float* dst = kind == ActKind::kFloat ? reinterpret_cast<float*>(act + (m - base) * act_bytes) : tmp;
             for (int64_t i = 0; i < K; ++i) dst[i] = float(src[i]);
             xr = dst;
         } else {
             xr = x.data_ptr<float>() + m * K;
         }
         if (kind == ActKind::kQ8A) {
-            k.quantize_q8a(xr, K, act + m * act_bytes);
+            k.quantize_q8a(xr, K, act + (m - base) * act_bytes);
         } else if (kind == ActKind::kQ8K) {
-            k.quantize_q8k(xr, K, act + m * act_bytes);
+            k.quantize_q8k(xr, K, act + (m - base) * act_bytes);
         }
     }
 }
@@ -168,7 +168,172 @@ at::Tensor run_quant_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qt
     return result();
 }
 
+// ---- the x4 layout (packed_x4.h) ----
+
+const TypeInfo* check_x4_type(const char* op, int64_t qtype) {
+    const TypeInfo* ti = quant::type_info(qtype);
+    TORCH_CHECK(ti != nullptr && quant::x4_group_bytes(qtype) > 0, op, ": GGML type id ", qtype,
+                " has no x4 layout (Q4_0=2, Q5_0=6 and Q8_0=8 do)");
+    return ti;
+}
+
+void check_x4_weight(const char* op, const at::Tensor& wp, const TypeInfo* ti, int64_t qtype, int64_t K, int64_t n) {
+    TORCH_CHECK(wp.device().is_cpu() && wp.scalar_type() == at::kByte && wp.dim() == 2 && wp.is_contiguous(), op,
+                ": the packed weight must be a contiguous CPU uint8 [groups, group_row_bytes] tensor, got ",
+                wp.scalar_type(), " ", wp.sizes());
+    TORCH_CHECK(n >= 0, op, ": n=", n, " rows is negative");
+    const int64_t groups = (n + 3) / 4, gbytes = K / ti->block_elems * quant::x4_group_bytes(qtype);
+    TORCH_CHECK(wp.size(0) == groups && wp.size(1) == gbytes, op, ": packed ", ti->name, " weight of n=", n,
+                " rows and K=", K, " must be [", groups, ", ", gbytes, "], got ", wp.sizes());
+}
+
+// y[M, n] = x @ W^T for W packed in the x4 layout. Threads split the row groups; the last
+// group of n % 4 != 0 rows is computed into a small buffer and its real rows copied out.
+template <class Out>
+at::Tensor run_quant_matmul_x4(const at::Tensor& x, const at::Tensor& wp, int64_t qtype, int64_t n) {
+    constexpr bool kExact = std::is_same_v<Out, double>;
+    const char* op = kExact ? "quant_matmul_x4_exact" : "quant_matmul_x4";
+    const TypeInfo* ti = check_x4_type(op, qtype);
+    TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
+                    x.dim() == 2 && x.is_contiguous(),
+                op, ": x must be a contiguous 2-D float32 or bfloat16 CPU tensor, got ", x.scalar_type(), " ",
+                x.sizes());
+    const int64_t M = x.size(0), K = x.size(1);
+    TORCH_CHECK(K % ti->block_elems == 0, op, ": K=", K, " is not a multiple of the ", ti->name, " block size ",
+                ti->block_elems);
+    check_x4_weight(op, wp, ti, qtype, K, n);
+    at::Tensor y = at::empty({M, n}, x.options().dtype(kExact ? at::kDouble : at::kFloat));
+    auto result = [&]() { return kExact || x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type()); };
+    if (M == 0 || n == 0) return result();
+    if (K == 0) {
+        y.zero_();
+        return result();
+    }
+
+    const Kernels& k = quant::active_kernels();
+    using RowsT = void (*)(int, const uint8_t*, size_t, int, const void*, Out*);
+    using TileT = void (*)(int, const uint8_t*, size_t, int, const uint8_t*, size_t, int, Out*, size_t);
+    RowsT rows;
+    TileT tile_fn;
+    if constexpr (kExact) {
+        rows = k.rows_x4_exact[qtype];
+        tile_fn = k.tile_x4_exact[qtype];
+    } else {
+        rows = k.rows_x4[qtype];
+        tile_fn = k.tile_x4[qtype];
+    }
+    // no SIMD x4 kernel (the scalar reference is forced): unpack each group to GGUF rows
+    // and run the reference rows kernel on the plain activation
+    const bool reference = rows == nullptr;
+    const int nb = int(K / ti->block_elems);
+    const size_t gstride = size_t(wp.size(1)), row_bytes = size_t(nb) * ti->block_bytes;
+
+    const size_t q8a_bytes = quant::act_row_bytes(ActKind::kQ8A, K);
+    const size_t act_bytes = reference ? q8a_bytes : size_t(nb) * sizeof(quant::BlockQ8AX4);
+    thread_local std::vector<uint8_t> act_buf;
+    uint8_t* act = scratch(act_buf, M * act_bytes);
+    auto prepare = [&](int64_t m0, int64_t m1) {
+        thread_local std::vector<uint8_t> one;
+        uint8_t* tmp = scratch(one, q8a_bytes);
+        for (int64_t m = m0; m < m1; ++m) {
+            if (reference) {
+                prepare_rows(x, m, m + 1, ActKind::kQ8A, k, act, act_bytes);
+                continue;
+            }
+            prepare_rows(x, m, m + 1, ActKind::kQ8A, k, tmp, q8a_bytes, m);
+            quant::expand_act_x4(tmp, nb, act + m * act_bytes);
+        }
+    };
+    if (M > 1) {
+        at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), prepare);
+    } else {
+        prepare(0, 1);
+    }
+
+    const uint8_t* wp_ = wp.data_ptr<uint8_t>();
+    Out* yp = y.data_ptr<Out>();
+    // groups [g0, g1) of rows all < n, into y (row stride ys)
+    auto run_groups = [&](int64_t g0, int64_t g1, Out* yb, size_t ys) {
+        const int ng = int(g1 - g0);
+        const uint8_t* wg = wp_ + g0 * gstride;
+        if (reference) {
+            thread_local std::vector<uint8_t> rows_buf;
+            uint8_t* buf = scratch(rows_buf, 4 * row_bytes);
+            const auto ref_rows = kExact ? nullptr : quant::scalar_kernels().rows[qtype];
+            const auto ref_rows_exact = quant::scalar_kernels().rows_exact[qtype];
+            for (int g = 0; g < ng; ++g) {
+                quant::unpack_x4(qtype, wg + g * gstride, 4, nb, buf);
+                for (int64_t m = 0; m < M; ++m) {
+                    if constexpr (kExact) {
+                        ref_rows_exact(nb, buf, row_bytes, 4, act + m * act_bytes, yb + m * ys + 4 * g);
+                    } else {
+                        ref_rows(nb, buf, row_bytes, 4, act + m * act_bytes, yb + m * ys + 4 * g);
+                    }
+                }
+            }
+        } else if (M >= 2) {
+            for (int64_t m0 = 0; m0 < M; m0 += kActRowsPerPass) {
+                const int mr = int(std::min<int64_t>(kActRowsPerPass, M - m0));
+                tile_fn(nb, wg, gstride, ng, act + m0 * act_bytes, act_bytes, mr, yb + m0 * ys, ys);
+            }
+        } else {
+            rows(nb, wg, gstride, ng, act, yb);
+        }
+    };
+    const int64_t full = n / 4;
+    const int64_t tile = std::max<int64_t>(1, kTileBytes / int64_t(gstride));
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, int64_t(gstride) * M));
+    at::parallel_for(0, full, grain, [&](int64_t g0, int64_t g1) {
+        for (int64_t t0 = g0; t0 < g1; t0 += tile) run_groups(t0, std::min(g1, t0 + tile), yp + 4 * t0, size_t(n));
+    });
+    if (n % 4 != 0) {
+        std::vector<Out> tail(size_t(M) * 4);
+        run_groups(full, full + 1, tail.data(), 4);
+        for (int64_t m = 0; m < M; ++m)
+            for (int64_t r = 0; r < n % 4; ++r) yp[m * n + 4 * full + r] = tail[m * 4 + r];
+    }
+    return result();
+}
+
 }  // namespace
+
+at::Tensor pack_x4(const at::Tensor& w, int64_t qtype) {
+    const TypeInfo* ti = check_x4_type("pack_x4", qtype);
+    TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous(),
+                "pack_x4: w must be contiguous CPU uint8 raw GGUF rows [N, row_bytes], got ", w.scalar_type(), " ",
+                w.sizes());
+    TORCH_CHECK(w.size(1) % ti->block_bytes == 0, "pack_x4: ", w.size(1), " bytes per row is not whole ", ti->name,
+                " blocks of ", ti->block_bytes, " bytes");
+    const int64_t N = w.size(0);
+    const int nb = int(w.size(1) / ti->block_bytes);
+    at::Tensor out = at::empty({(N + 3) / 4, int64_t(nb) * quant::x4_group_bytes(qtype)}, w.options());
+    const uint8_t* src = w.data_ptr<uint8_t>();
+    uint8_t* dst = out.data_ptr<uint8_t>();
+    const size_t rb = size_t(w.size(1)), gb = size_t(out.size(1));
+    at::parallel_for(0, out.size(0), 64, [&](int64_t g0, int64_t g1) {
+        quant::pack_x4(qtype, src + g0 * 4 * rb, rb, std::min<int64_t>(N, 4 * g1) - 4 * g0, nb, dst + g0 * gb);
+    });
+    return out;
+}
+
+at::Tensor unpack_x4(const at::Tensor& wp, int64_t qtype, int64_t n) {
+    const TypeInfo* ti = check_x4_type("unpack_x4", qtype);
+    TORCH_CHECK(wp.dim() == 2 && wp.size(1) % quant::x4_group_bytes(qtype) == 0, "unpack_x4: packed ", ti->name,
+                " weight must be [groups, nb * ", quant::x4_group_bytes(qtype), "], got ", wp.sizes());
+    const int nb = int(wp.size(1) / quant::x4_group_bytes(qtype));
+    check_x4_weight("unpack_x4", wp, ti, qtype, int64_t(nb) * ti->block_elems, n);
+    at::Tensor rows = at::empty({n, int64_t(nb) * ti->block_bytes}, wp.options());
+    quant::unpack_x4(qtype, wp.data_ptr<uint8_t>(), n, nb, rows.data_ptr<uint8_t>());
+    return rows;
+}
+
+at::Tensor quant_matmul_x4(const at::Tensor& x, const at::Tensor& wp, int64_t qtype, int64_t n) {
+    return run_quant_matmul_x4<float>(x, wp, qtype, n);
+}
+
+at::Tensor quant_matmul_x4_exact(const at::Tensor& x, const at::Tensor& wp, int64_t qtype, int64_t n) {
+    return run_quant_matmul_x4<double>(x, wp, qtype, n);
+}
 
 at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qtype) {
     return run_quant_matmul<float>(x, w, qtype);

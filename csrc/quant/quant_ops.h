@@ -15,6 +15,15 @@ at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qtype)
 // tp=N (each rank a block range, partials summed in fp64) rounds to the same fp32 as tp=1.
 at::Tensor quant_matmul_exact(const at::Tensor& x, const at::Tensor& w, int64_t qtype);
 
+// The x4 layout (quant/packed_x4.h): four rows interleaved per block, for Q4_0/Q5_0/Q8_0.
+// pack_x4: raw rows uint8 [N, row_bytes] -> packed uint8 [ceil(N/4), nb * 4 * block_bytes];
+// unpack_x4 the inverse (n = N). quant_matmul_x4[_exact]: quant_matmul[_exact] on a packed
+// weight of n rows (same results up to fp32 summation order).
+at::Tensor pack_x4(const at::Tensor& w, int64_t qtype);
+at::Tensor unpack_x4(const at::Tensor& wp, int64_t qtype, int64_t n);
+at::Tensor quant_matmul_x4(const at::Tensor& x, const at::Tensor& wp, int64_t qtype, int64_t n);
+at::Tensor quant_matmul_x4_exact(const at::Tensor& x, const at::Tensor& wp, int64_t qtype, int64_t n);
+
 // SIMD path in use ("avx512vnni", "avx512", "avx2", "scalar") and a way to force one
 // (tests force "scalar" to check the reference; "auto" restores detection).
 std::string kernel_isa();

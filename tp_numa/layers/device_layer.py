@@ -45,6 +45,7 @@ from ..errors import TpNumaError, UnsupportedError
 from .device_attention import DeviceAttention
 from .linear import LinearBase, QKVParallelLinear, RowParallelLinear
 from .norm import RMSNorm
+from .quant import method_of
 
 # rows dequantized per step: bounds the float32 intermediate (rows x K x 4 bytes)
 _DEQUANT_ROWS = 1024
@@ -63,7 +64,8 @@ def dequantized_fp16(layer: LinearBase, device: torch.device) -> torch.Tensor:
     out = torch.empty((layer.output_size, layer.input_size), dtype=torch.float16, device=device)
     row = 0
     for name in layer._runs:
-        rows, qtype = getattr(layer, name), GGMLQuantizationType(getattr(layer, name + "_qtype"))
+        rows = method_of(layer, name).raw_rows(layer, name)       # x4-packed weights are unpacked
+        qtype = GGMLQuantizationType(getattr(layer, name + "_qtype"))
         for r0 in range(0, rows.shape[0], _DEQUANT_ROWS):
             chunk = rows[r0:r0 + _DEQUANT_ROWS]
             dense = torch.from_numpy(dequantize(chunk.numpy(), qtype))      # (n, K) float32

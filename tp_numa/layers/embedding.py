@@ -21,7 +21,7 @@ from ..distributed import parallel_state
 from ..errors import ModelFormatError
 from ..gguf_loader import GGUFFile
 from .partition import Range, partition_rows
-from .quant import linear_method_for
+from .quant import linear_method_for, method_of
 
 
 def dequantize_rows(rows: torch.Tensor, qtype: int, n_cols: int) -> torch.Tensor:
@@ -97,8 +97,9 @@ class ParallelLMHead(nn.Module):
             raise ModelFormatError(
                 f"{f.path}: tensor '{name}' has shape {list(info.shape)}, "
                 f"expected [{self.vocab_size}, {self.hidden_size}]")
-        linear_method_for(int(info.qtype)).create_weights(self, "weight", f.read_rows(name, *self.vocab_range),
-                                                          int(info.qtype))
+        # untied: the head owns its rows, so Q4_0/Q5_0/Q8_0 heads are repacked (x4 layout)
+        linear_method_for(int(info.qtype), repack=True).create_weights(
+            self, "weight", f.read_rows(name, *self.vocab_range), int(info.qtype))
 
     def tie_weights(self, embedding: VocabParallelEmbedding) -> None:
         """Share the embedding's rows (tied output): same vocab split, no second copy."""
@@ -106,7 +107,7 @@ class ParallelLMHead(nn.Module):
         linear_method_for(embedding.qtype).create_weights(self, "weight", embedding.weight, embedding.qtype)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor | None:
-        logits = linear_method_for(self.weight_qtype).apply(self, "weight", h)   # (T, v1 - v0)
+        logits = method_of(self, "weight").apply(self, "weight", h)   # (T, v1 - v0)
         if self.tp_size > 1:
             from ..distributed import communicator
 

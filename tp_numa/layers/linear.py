@@ -30,7 +30,7 @@ from ..distributed import parallel_state
 from ..errors import ModelFormatError, ShardingError
 from ..gguf_loader import GGUFFile
 from .partition import HeadShard, Range, split_even
-from .quant import linear_method_for
+from .quant import linear_method_for, method_of
 
 
 def _tp() -> tuple[int, int]:
@@ -73,12 +73,12 @@ class LinearBase(nn.Module):
         for i, (chunks, qtype) in enumerate(runs):
             rows = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=0)
             name = "weight" if len(runs) == 1 else f"weight{i}"
-            linear_method_for(qtype).create_weights(self, name, rows, qtype)
+            linear_method_for(qtype, repack=True).create_weights(self, name, rows, qtype)
             self._runs.append(name)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, input_size] float32 -> [T, output_size] (no bias, no communication)."""
-        ys = [linear_method_for(getattr(self, n + "_qtype")).apply(self, n, x) for n in self._runs]
+        ys = [method_of(self, n).apply(self, n, x) for n in self._runs]
         return ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
 
     def extra_repr(self) -> str:
@@ -212,7 +212,7 @@ class RowParallelLinear(LinearBase):
         exact = self.exact and len(self._runs) == 1
         if exact:
             n = self._runs[0]
-            y = linear_method_for(getattr(self, n + "_qtype")).apply_exact(self, n, x)   # float64 partials
+            y = method_of(self, n).apply_exact(self, n, x)   # float64 partials
         else:
             y = self._matmul(x)
         if self.reduce_results and self.tp_size > 1:

@@ -1,0 +1,72 @@
+// The "x4" weight layout: four GGUF rows interleaved block by block, made once at load
+// time for the 32-element types whose GEMV is compute-bound in the row layout (Q4_0, Q5_0,
+// Q8_0). Same bytes per weight as GGUF (a group block is 4 row blocks), no float copy.
+//
+// Rows 4g..4g+3 form group g (the last group of N % 4 != 0 rows is padded with zero
+// blocks, whose scale d = 0 makes them contribute nothing). A packed weight is uint8
+// [ceil(N / 4), nb * group_bytes]: group g's blocks in column order, and group block i is
+//
+//   d[4]        f16 scales of rows 4g..4g+3, block i                     8 bytes
+//   codes       the 4 x 32 weight codes of the block, in "lane order":
+//               code vector v (0..3), byte j (0..31) = row (j / 4) % 4, element
+//               4 * (2v + j / 16) + j % 4 of the block.
+//     Q4_0:  qs[64]: byte j of half m (0, 1) = code[2m][j] | code[2m+1][j] << 4   64 bytes
+//     Q5_0:  qh[16] then qs[64] as Q4_0 for the low 4 bits; bit 4 of code[v][j] is bit
+//            2v + (j >= 16) of qh[j % 16]                                       80 bytes
+//     Q8_0:  qs[128]: code[v][j] at 32v + j (signed)                            128 bytes
+//
+// Why: each 32-bit lane of a code vector holds 4 consecutive elements of one row, so one
+// vpmaddubsw + vpmaddwd against an activation vector whose lanes repeat the matching 4
+// activation bytes ("BlockQ8AX4", prepared once per call) gives every row's partial sum in
+// its own lanes: no horizontal sums, one scale vector d[4] per group block, the activation
+// loads shared by 4 rows, and a single prefetch stream. Q5_0's high bits unpack with one
+// 64-bit variable shift and an and per code vector (the bit order above is chosen for it).
+//
+// The arithmetic for a row depends only on that row (each lane sees one row), so results
+// do not depend on how rows are grouped, split over threads or over tp ranks.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "quant/blocks.h"
+
+namespace tp_numa::quant {
+
+// Activation block for x4 kernels: BlockQ8A's values, repeated in lane order:
+// qs[v][j] = a[4 * (2v + j / 16) + j % 4] (4 x 32 bytes), d and s as in BlockQ8A.
+struct BlockQ8AX4 { float d; float s; int8_t qs[4][QK]; };
+static_assert(sizeof(BlockQ8AX4) == 136, "Q8AX4 block");
+
+// Bytes of one group block (4 row blocks) of a packable type; 0 if the type has no x4 form.
+inline int x4_group_bytes(int64_t qtype) {
+    switch (qtype) {
+        case kQ4_0: return 4 * 18;
+        case kQ5_0: return 4 * 22;
+        case kQ8_0: return 4 * 34;
+        default: return 0;
+    }
+}
+
+// Element of the block that lane-order byte j of code vector v holds, and its row.
+inline int x4_element(int v, int j) { return 4 * (2 * v + j / 16) + j % 4; }
+inline int x4_row(int j) { return (j / 4) % 4; }
+
+// rows: n_rows raw GGUF rows of nb blocks (row_bytes apart); out: ceil(n_rows / 4) groups.
+void pack_x4(int64_t qtype, const uint8_t* rows, size_t row_bytes, int64_t n_rows, int nb, uint8_t* out);
+// The inverse: writes n_rows raw GGUF rows (padding rows dropped).
+void unpack_x4(int64_t qtype, const uint8_t* packed, int64_t n_rows, int nb, uint8_t* rows);
+// Activation row (BlockQ8A blocks) -> lane-order BlockQ8AX4 blocks.
+void expand_act_x4(const void* q8a, int nb, void* out);
+
+// y[4g + r] = dot(row 4g + r, act) for the groups [0, ngroups) starting at w (group_stride
+// bytes apart); act = BlockQ8AX4 blocks. Out = float (Fast) or double (Exact).
+using RowsX4Fn = void (*)(int nb, const uint8_t* w, size_t group_stride, int ngroups, const void* act, float* y);
+using RowsX4ExactFn = void (*)(int nb, const uint8_t* w, size_t group_stride, int ngroups, const void* act,
+                               double* y);
+// Prefill: y[m * y_stride + 4g + r] for mrows activation rows act + m * act_stride.
+using TileX4Fn = void (*)(int nb, const uint8_t* w, size_t group_stride, int ngroups, const uint8_t* act,
+                          size_t act_stride, int mrows, float* y, size_t y_stride);
+using TileX4ExactFn = void (*)(int nb, const uint8_t* w, size_t group_stride, int ngroups, const uint8_t* act,
+                               size_t act_stride, int mrows, double* y, size_t y_stride);
+
+}  // namespace tp_numa::quant
