@@ -11,6 +11,9 @@
    ceiling, which must exceed the bandwidth for the GEMV to be memory bound.
 3. GEMM (M = 512, prefill): GFLOP/s (2*M*N*K / t), and the speed-up over M separate GEMV
    calls on the same weight.
+Types named ``<T>x4`` (Q4_0x4, Q5_0x4, Q8_0x4) run the same weights repacked into the x4
+layout (``ops.pack_x4`` + ``ops.quant_matmul_x4``), which is what the engine uses for those
+types; the bandwidth target is checked on them and on the K-quants.
 
 Usage: .venv/bin/python scripts/bench_matmul.py [--threads 1 2] [--types Q4_0 Q8_0 ...]
        [--shapes 4096x4096 11008x4096 151936x896] [--gemm-shape 4096x4096] [--min-time 0.3]
@@ -29,9 +32,23 @@ from gguf.quants import quantize
 
 from tp_numa import ops
 
-HOT = ["Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q6_K"]
-ALL = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS",
-       "F16", "BF16", "F32"]
+HOT = ["Q4_0x4", "Q5_0x4", "Q8_0x4", "Q4_K", "Q6_K"]
+ALL = ["Q4_0", "Q4_0x4", "Q4_1", "Q5_0", "Q5_0x4", "Q5_1", "Q8_0", "Q8_0x4", "IQ4_NL", "Q4_K", "Q5_K",
+       "Q6_K", "IQ4_XS", "F16", "BF16", "F32"]
+
+
+def parse_type(name: str) -> tuple[T, bool]:
+    """'Q5_0x4' -> (Q5_0, packed); 'Q4_K' -> (Q4_K, row layout)."""
+    packed = name.endswith("x4")
+    return T[name[:-2] if packed else name], packed
+
+
+def matmul_fn(qtype: T, packed: bool):
+    """(prepare(raw rows) -> weight, call(x, weight) -> y) for the row or the x4 layout."""
+    if not packed:
+        return (lambda w: w), (lambda x, w: ops.quant_matmul(x, w, int(qtype)))
+    return ((lambda w: (ops.pack_x4(w, int(qtype)), w.shape[0])),
+            (lambda x, w: ops.quant_matmul_x4(x, w[0], int(qtype), w[1])))
 TARGET = 0.85  # GEMV bandwidth ratio the hot types should reach
 
 
@@ -96,29 +113,33 @@ def time_calls(fn, n_items: int, min_time: float) -> float:
     return min(times)
 
 
-def bench_gemv(qtype: T, n: int, k: int, llc: int, min_time: float, rng) -> tuple[float, int]:
+def bench_gemv(qtype: T, packed: bool, n: int, k: int, llc: int, min_time: float, rng) -> tuple[float, int]:
+    prep, mm = matmul_fn(qtype, packed)
     w0 = random_weight(qtype, n, k, rng)
     copies = max(1, -(-3 * llc // w0.numel()))  # cycle through >= 3x LLC of weights
-    ws = [w0] + [w0.clone() for _ in range(copies - 1)]
+    ws = [prep(w0)] + [prep(w0.clone()) for _ in range(copies - 1)]
     x = torch.randn(1, k)
-    t = time_calls(lambda i: ops.quant_matmul(x, ws[i], int(qtype)), len(ws), min_time)
+    t = time_calls(lambda i: mm(x, ws[i]), len(ws), min_time)
     return w0.numel() / t / 1e9, w0.numel()
 
 
-def bench_in_cache(qtype: T, min_time: float, rng) -> float:
+def bench_in_cache(qtype: T, packed: bool, min_time: float, rng) -> float:
     """GB/s of a GEMV whose weight (512 x 2048) stays in L2: the kernel's compute ceiling."""
+    prep, mm = matmul_fn(qtype, packed)
     w = random_weight(qtype, 512, 2048, rng)
+    wp = prep(w)
     x = torch.randn(1, 2048)
-    return w.numel() / time_calls(lambda i: ops.quant_matmul(x, w, int(qtype)), 1, min_time) / 1e9
+    return w.numel() / time_calls(lambda i: mm(x, wp), 1, min_time) / 1e9
 
 
-def bench_gemm(qtype: T, n: int, k: int, m: int, min_time: float, rng) -> tuple[float, float]:
+def bench_gemm(qtype: T, packed: bool, n: int, k: int, m: int, min_time: float, rng) -> tuple[float, float]:
     """(GFLOP/s of one M-row call, speed-up over M single-row calls)."""
-    w = random_weight(qtype, n, k, rng)
+    prep, mm = matmul_fn(qtype, packed)
+    w = prep(random_weight(qtype, n, k, rng))
     x = torch.randn(m, k)
-    t_gemm = time_calls(lambda i: ops.quant_matmul(x, w, int(qtype)), 1, min_time)
+    t_gemm = time_calls(lambda i: mm(x, w), 1, min_time)
     rows = [x[i:i + 1] for i in range(m)]
-    t_loop = time_calls(lambda i: [ops.quant_matmul(r, w, int(qtype)) for r in rows], 1, min_time)
+    t_loop = time_calls(lambda i: [mm(r, w) for r in rows], 1, min_time)
     return 2.0 * m * n * k / t_gemm / 1e9, t_loop / t_gemm
 
 
@@ -152,21 +173,21 @@ def main() -> None:
     print("|" + "---|" * (head.count("|") + 1))
     misses = []
     for name in args.types:
-        qtype = T[name]
+        qtype, packed = parse_type(name)
         for th in args.threads:
             torch.set_num_threads(th)
-            cells = [f"{bench_in_cache(qtype, args.min_time, rng):.1f}"]
+            cells = [f"{bench_in_cache(qtype, packed, args.min_time, rng):.1f}"]
             for n, k in shapes:
                 if k % ops.block_info(int(qtype))[0]:
                     cells.append(f"n/a (K % {ops.block_info(int(qtype))[0]})")
                     continue
-                gbs, _ = bench_gemv(qtype, n, k, llc, args.min_time, rng)
+                gbs, _ = bench_gemv(qtype, packed, n, k, llc, args.min_time, rng)
                 ratio = gbs / bw[th]
                 cells.append(f"{gbs:.1f} ({ratio:.2f})")
                 if name in HOT and ratio < TARGET:
                     misses.append(f"{name} {n}x{k} {th}t: {ratio:.2f}")
             if not args.no_gemm:
-                gf, speedup = bench_gemm(qtype, gn, gk, args.gemm_m, args.min_time, rng)
+                gf, speedup = bench_gemm(qtype, packed, gn, gk, args.gemm_m, args.min_time, rng)
                 cells.append(f"{gf:.1f} (x{speedup:.1f})")
             print(f"| {name} | {th} | " + " | ".join(cells) + " |", flush=True)
     print()
