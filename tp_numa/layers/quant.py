@@ -18,6 +18,8 @@ import os
 import torch
 from torch import nn
 
+from .. import ops
+
 
 class LinearMethodBase:
     """Creates a layer's weight storage and applies it."""
@@ -52,14 +54,10 @@ class GGUFLinearMethod(LinearMethodBase):
         return getattr(layer, name)
 
     def apply(self, layer: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
-        from .. import ops
-
         w = getattr(layer, name)
         return ops.quant_matmul(x.contiguous(), w, getattr(layer, name + "_qtype"))
 
     def apply_exact(self, layer: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
-        from .. import ops
-
         return ops.quant_matmul_exact(x.contiguous(), getattr(layer, name), getattr(layer, name + "_qtype"))
 
 
@@ -69,8 +67,6 @@ class X4LinearMethod(LinearMethodBase):
 
     def create_weights(self, layer: nn.Module, name: str, rows: torch.Tensor, qtype: int) -> None:
         """rows: uint8 [N, row_bytes]; kept as uint8 [ceil(N/4), 4 * row_bytes] (rows freed)."""
-        from .. import ops
-
         assert rows.dtype == torch.uint8 and rows.dim() == 2 and rows.is_contiguous()
         layer.register_buffer(name, ops.pack_x4(rows, int(qtype)), persistent=False)
         setattr(layer, name + "_qtype", int(qtype))
@@ -78,19 +74,13 @@ class X4LinearMethod(LinearMethodBase):
         setattr(layer, name + "_method", self)
 
     def raw_rows(self, layer: nn.Module, name: str) -> torch.Tensor:
-        from .. import ops
-
         return ops.unpack_x4(getattr(layer, name), getattr(layer, name + "_qtype"), getattr(layer, name + "_rows"))
 
     def apply(self, layer: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
-        from .. import ops
-
         return ops.quant_matmul_x4(x.contiguous(), getattr(layer, name), getattr(layer, name + "_qtype"),
                                    getattr(layer, name + "_rows"))
 
     def apply_exact(self, layer: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
-        from .. import ops
-
         return ops.quant_matmul_x4_exact(x.contiguous(), getattr(layer, name), getattr(layer, name + "_qtype"),
                                          getattr(layer, name + "_rows"))
 
@@ -105,9 +95,7 @@ def linear_method_for(qtype: int, repack: bool = False) -> LinearMethodBase:
 
     ``repack``: the caller owns the rows alone (not shared with an embedding), so a type
     with an x4 layout may be repacked."""
-    from ..ops import X4_QTYPES
-
-    if repack and int(qtype) in X4_QTYPES and x4_enabled():
+    if repack and int(qtype) in ops.X4_QTYPES and x4_enabled():
         return _X4_METHOD
     return _GGUF_METHOD
 
