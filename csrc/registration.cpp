@@ -11,11 +11,11 @@
 TORCH_LIBRARY(tp_numa, m) {
     // ---- quantized linear (csrc/quant) ----
     m.def("quant_matmul(Tensor x, Tensor w, int qtype) -> Tensor");
-    m.def("quant_matmul_exact(Tensor x, Tensor w, int qtype) -> Tensor");
+    m.def("quant_matmul_exact(Tensor x, Tensor w, int qtype, bool to_float32=False) -> Tensor");
     m.def("pack_x4(Tensor w, int qtype) -> Tensor");
     m.def("unpack_x4(Tensor wp, int qtype, int n) -> Tensor");
     m.def("quant_matmul_x4(Tensor x, Tensor wp, int qtype, int n) -> Tensor");
-    m.def("quant_matmul_x4_exact(Tensor x, Tensor wp, int qtype, int n) -> Tensor");
+    m.def("quant_matmul_x4_exact(Tensor x, Tensor wp, int qtype, int n, bool to_float32=False) -> Tensor");
     // no tensor arguments: bound here as catch-all kernels
     m.def("kernel_isa() -> str", &tp_numa::kernel_isa);
     m.def("set_kernel_isa(str isa) -> ()", &tp_numa::set_kernel_isa);

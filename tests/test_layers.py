@@ -107,20 +107,25 @@ def test_vocab_parallel_embedding_and_head(gguf_file, tp):
     tokens = torch.tensor([0, 5, 300, 150, 5, 77])
     emb_sum = torch.zeros(len(tokens), spec.d_model, dtype=torch.float64)
     h = torch.randn(2, spec.d_model)
-    logits = []
+    logits, tied_logits = [], []
     for r in partition_rows("token_embd.weight", spec.vocab, tp):
         emb = VocabParallelEmbedding(spec.vocab, spec.d_model, r, tp_size=1)
         emb.load_gguf(f, "token_embd.weight")
-        emb_sum += emb(tokens).double()           # zeros outside this rank's rows
+        before = emb(tokens)                      # zeros outside this rank's rows
+        emb_sum += before.double()
         head = ParallelLMHead(spec.vocab, spec.d_model, r, tp_size=1)
         head.load_gguf(f, "output.weight")
         logits.append(head(h))
         tied = ParallelLMHead(spec.vocab, spec.d_model, r, tp_size=1)
-        tied.tie_weights(emb)
+        tied.tie_weights(emb)                     # Q8_0: repacks the embedding (x4 layout)
+        assert emb.packed_rows == r[1] - r[0]
         assert tied.weight.data_ptr() == emb.weight.data_ptr()   # no second copy
+        assert torch.equal(emb(tokens), before)   # lookups unpack the packed groups
+        tied_logits.append(tied(h))
     # embedding rows are dequantized exactly
     np.testing.assert_allclose(emb_sum.numpy(), W["token_embd.weight"][tokens.numpy()], rtol=1e-6, atol=1e-6)
     _close(torch.cat(logits, 1), h.double().numpy() @ W["output.weight"].T)
+    _close(torch.cat(tied_logits, 1), h.double().numpy() @ W["token_embd.weight"].T)
 
 
 def test_rmsnorm(gguf_file):

@@ -318,3 +318,16 @@ def test_env_forces_scalar():
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "scalar"
+
+
+def test_exact_to_float32_is_the_rounded_float64():
+    """Layers with nothing to all-reduce take the float32 rounding from the op itself."""
+    rng = np.random.default_rng(12)
+    raw, _ = make_weight(T.Q4_K, 19, 512, rng)
+    w = torch.from_numpy(raw)
+    x = torch.from_numpy(rng.standard_normal((3, 512)).astype(np.float32))
+    y = ops.quant_matmul_exact(x, w, int(T.Q4_K), to_float32=True)
+    assert y.dtype == torch.float32 and torch.equal(y, ops.quant_matmul_exact(x, w, int(T.Q4_K)).float())
+    wp = ops.pack_x4(torch.from_numpy(make_weight(T.Q5_0, 19, 512, rng)[0]), int(T.Q5_0))
+    y4 = ops.quant_matmul_x4_exact(x, wp, int(T.Q5_0), 19, to_float32=True)
+    assert torch.equal(y4, ops.quant_matmul_x4_exact(x, wp, int(T.Q5_0), 19).float())

@@ -87,15 +87,16 @@ def quant_matmul(x: torch.Tensor, w: torch.Tensor, qtype: int) -> torch.Tensor:
     return torch.ops.tp_numa.quant_matmul(x, w, int(qtype))
 
 
-def quant_matmul_exact(x: torch.Tensor, w: torch.Tensor, qtype: int) -> torch.Tensor:
+def quant_matmul_exact(x: torch.Tensor, w: torch.Tensor, qtype: int, to_float32: bool = False) -> torch.Tensor:
     """Like ``quant_matmul`` but float64 [M, N] and independent of how K is split.
 
     ``y[m, n] = sum_b t(m, n, b)`` summed in float64 in block order, where ``t`` is the
     kernel's fp32 product of one weight block with one activation block. So for block
     ranges ``K = K_0 + K_1 + ...`` the float64 sum of the ranges' results rounds to the same
     float32 as the whole product: what makes tensor parallel row splits reproduce tp=1.
+    ``to_float32``: return that float32 rounding directly (nothing left to sum).
     """
-    return torch.ops.tp_numa.quant_matmul_exact(x, w, int(qtype))
+    return torch.ops.tp_numa.quant_matmul_exact(x, w, int(qtype), bool(to_float32))
 
 
 # GGML types with an x4 layout (csrc/quant/packed_x4.h): Q4_0, Q5_0, Q8_0.
@@ -122,9 +123,10 @@ def quant_matmul_x4(x: torch.Tensor, wp: torch.Tensor, qtype: int, n: int) -> to
     return torch.ops.tp_numa.quant_matmul_x4(x, wp, int(qtype), int(n))
 
 
-def quant_matmul_x4_exact(x: torch.Tensor, wp: torch.Tensor, qtype: int, n: int) -> torch.Tensor:
+def quant_matmul_x4_exact(x: torch.Tensor, wp: torch.Tensor, qtype: int, n: int,
+                          to_float32: bool = False) -> torch.Tensor:
     """``quant_matmul_exact`` on an x4-packed weight of n rows (float64 [M, n])."""
-    return torch.ops.tp_numa.quant_matmul_x4_exact(x, wp, int(qtype), int(n))
+    return torch.ops.tp_numa.quant_matmul_x4_exact(x, wp, int(qtype), int(n), bool(to_float32))
 
 
 def kernel_isa() -> str:
@@ -157,9 +159,9 @@ def _register_fakes() -> None:
         return x.new_empty((x.shape[0], w.shape[0]))
 
     @torch.library.register_fake("tp_numa::quant_matmul_exact")
-    def _quant_matmul_exact_fake(x, w, qtype):
+    def _quant_matmul_exact_fake(x, w, qtype, to_float32=False):
         torch._check(x.dim() == 2 and w.dim() == 2, lambda: "quant_matmul_exact: x and w must be 2-D")
-        return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float64)
+        return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32 if to_float32 else torch.float64)
 
 
     @torch.library.register_fake("tp_numa::pack_x4")
@@ -175,8 +177,8 @@ def _register_fakes() -> None:
         return x.new_empty((x.shape[0], n))
 
     @torch.library.register_fake("tp_numa::quant_matmul_x4_exact")
-    def _quant_matmul_x4_exact_fake(x, wp, qtype, n):
-        return x.new_empty((x.shape[0], n), dtype=torch.float64)
+    def _quant_matmul_x4_exact_fake(x, wp, qtype, n, to_float32=False):
+        return x.new_empty((x.shape[0], n), dtype=torch.float32 if to_float32 else torch.float64)
 
 
 load_extension()

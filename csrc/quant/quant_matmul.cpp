@@ -93,34 +93,41 @@ void check_inputs(const at::Tensor& x, const at::Tensor& w, int64_t qtype, const
                 " (w must be N x row_bytes = [", w.size(0), ", ", row_bytes, "])");
 }
 
+// The Fast (Out = float) or the Exact (Out = double) member of a kernel pair.
+template <class Out, class F, class E>
+auto pick(F fast, E exact) {
+    if constexpr (std::is_same_v<Out, double>) {
+        return exact;
+    } else {
+        return fast;
+    }
+}
+
+// The output y [M, n]: float32 (Fast) or float64 (Exact); finish() gives it x's dtype.
+template <class Out>
+at::Tensor new_output(const at::Tensor& x, int64_t n) {
+    return at::empty({x.size(0), n}, x.options().dtype(std::is_same_v<Out, double> ? at::kDouble : at::kFloat));
+}
+template <class Out>
+at::Tensor finish(const at::Tensor& x, const at::Tensor& y) {
+    return std::is_same_v<Out, double> || x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
 // Out = float: quant_matmul (Fast kernels); Out = double: quant_matmul_exact (Exact kernels).
 template <class Out>
 at::Tensor run_quant_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qtype) {
-    constexpr bool kExact = std::is_same_v<Out, double>;
     const TypeInfo* ti = quant::type_info(qtype);
     check_inputs(x, w, qtype, ti);
     const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
     const int64_t row_bytes = w.size(1);
-    at::Tensor y = at::empty({M, N}, x.options().dtype(kExact ? at::kDouble : at::kFloat));
-    auto result = [&]() { return kExact || x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type()); };
-    if (M == 0 || N == 0) return result();
-    if (K == 0) {
-        y.zero_();
-        return result();
-    }
+    at::Tensor y = new_output<Out>(x, N);
+    if (M == 0 || N == 0 || K == 0) return finish<Out>(x, y.zero_());
 
     const Kernels& k = quant::active_kernels();
-    using RowsT = void (*)(int, const uint8_t*, size_t, int, const void*, Out*);
-    using TileT = void (*)(int, const uint8_t*, size_t, int, const uint8_t*, size_t, int, Out*, size_t);
-    RowsT rows;
-    TileT tile_fn;
-    if constexpr (kExact) {
-        rows = k.rows_exact[qtype] != nullptr ? k.rows_exact[qtype] : quant::scalar_kernels().rows_exact[qtype];
-        tile_fn = M >= 2 ? k.tile_exact[qtype] : nullptr;
-    } else {
-        rows = k.rows[qtype] != nullptr ? k.rows[qtype] : quant::scalar_kernels().rows[qtype];
-        tile_fn = M >= 2 ? k.tile[qtype] : nullptr;
-    }
+    const Kernels& ref = quant::scalar_kernels();
+    auto rows = pick<Out>(k.rows[qtype], k.rows_exact[qtype]);
+    if (rows == nullptr) rows = pick<Out>(ref.rows[qtype], ref.rows_exact[qtype]);
+    const auto tile_fn = M >= 2 ? pick<Out>(k.tile[qtype], k.tile_exact[qtype]) : nullptr;
     const int nb = int(K / ti->block_elems);
 
     // activation rows, prepared once
@@ -165,7 +172,7 @@ at::Tensor run_quant_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qt
             }
         }
     });
-    return result();
+    return finish<Out>(x, y);
 }
 
 // ---- the x4 layout (packed_x4.h) ----
@@ -202,26 +209,12 @@ at::Tensor run_quant_matmul_x4(const at::Tensor& x, const at::Tensor& wp, int64_
     TORCH_CHECK(K % ti->block_elems == 0, op, ": K=", K, " is not a multiple of the ", ti->name, " block size ",
                 ti->block_elems);
     check_x4_weight(op, wp, ti, qtype, K, n);
-    at::Tensor y = at::empty({M, n}, x.options().dtype(kExact ? at::kDouble : at::kFloat));
-    auto result = [&]() { return kExact || x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type()); };
-    if (M == 0 || n == 0) return result();
-    if (K == 0) {
-        y.zero_();
-        return result();
-    }
+    at::Tensor y = new_output<Out>(x, n);
+    if (M == 0 || n == 0 || K == 0) return finish<Out>(x, y.zero_());
 
     const Kernels& k = quant::active_kernels();
-    using RowsT = void (*)(int, const uint8_t*, size_t, int, const void*, Out*);
-    using TileT = void (*)(int, const uint8_t*, size_t, int, const uint8_t*, size_t, int, Out*, size_t);
-    RowsT rows;
-    TileT tile_fn;
-    if constexpr (kExact) {
-        rows = k.rows_x4_exact[qtype];
-        tile_fn = k.tile_x4_exact[qtype];
-    } else {
-        rows = k.rows_x4[qtype];
-        tile_fn = k.tile_x4[qtype];
-    }
+    const auto rows = pick<Out>(k.rows_x4[qtype], k.rows_x4_exact[qtype]);
+    const auto tile_fn = pick<Out>(k.tile_x4[qtype], k.tile_x4_exact[qtype]);
     // no SIMD x4 kernel (the scalar reference is forced): unpack each group to GGUF rows
     // and run the reference rows kernel on the plain activation
     const bool reference = rows == nullptr;
@@ -259,17 +252,11 @@ at::Tensor run_quant_matmul_x4(const at::Tensor& x, const at::Tensor& wp, int64_
         if (reference) {
             thread_local std::vector<uint8_t> rows_buf;
             uint8_t* buf = scratch(rows_buf, 4 * row_bytes);
-            const auto ref_rows = kExact ? nullptr : quant::scalar_kernels().rows[qtype];
-            const auto ref_rows_exact = quant::scalar_kernels().rows_exact[qtype];
+            const Kernels& ref = quant::scalar_kernels();
+            const auto ref_rows = pick<Out>(ref.rows[qtype], ref.rows_exact[qtype]);
             for (int g = 0; g < ng; ++g) {
                 quant::unpack_x4(qtype, wg + g * gstride, 4, nb, buf);
-                for (int64_t m = 0; m < M; ++m) {
-                    if constexpr (kExact) {
-                        ref_rows_exact(nb, buf, row_bytes, 4, act + m * act_bytes, yb + m * ys + 4 * g);
-                    } else {
-                        ref_rows(nb, buf, row_bytes, 4, act + m * act_bytes, yb + m * ys + 4 * g);
-                    }
-                }
+                for (int64_t m = 0; m < M; ++m) ref_rows(nb, buf, row_bytes, 4, act + m * act_bytes, yb + m * ys + 4 * g);
             }
         } else if (M >= 2) {
             for (int64_t m0 = 0; m0 < M; m0 += kActRowsPerPass) {
@@ -292,7 +279,7 @@ at::Tensor run_quant_matmul_x4(const at::Tensor& x, const at::Tensor& wp, int64_
         for (int64_t m = 0; m < M; ++m)
             for (int64_t r = 0; r < n % 4; ++r) yp[m * n + 4 * full + r] = tail[m * 4 + r];
     }
-    return result();
+    return finish<Out>(x, y);
 }
 
 }  // namespace
@@ -331,16 +318,19 @@ at::Tensor quant_matmul_x4(const at::Tensor& x, const at::Tensor& wp, int64_t qt
     return run_quant_matmul_x4<float>(x, wp, qtype, n);
 }
 
-at::Tensor quant_matmul_x4_exact(const at::Tensor& x, const at::Tensor& wp, int64_t qtype, int64_t n) {
-    return run_quant_matmul_x4<double>(x, wp, qtype, n);
+at::Tensor quant_matmul_x4_exact(const at::Tensor& x, const at::Tensor& wp, int64_t qtype, int64_t n,
+                                 bool to_float32) {
+    at::Tensor y = run_quant_matmul_x4<double>(x, wp, qtype, n);
+    return to_float32 ? y.to(at::kFloat) : y;
 }
 
 at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qtype) {
     return run_quant_matmul<float>(x, w, qtype);
 }
 
-at::Tensor quant_matmul_exact(const at::Tensor& x, const at::Tensor& w, int64_t qtype) {
-    return run_quant_matmul<double>(x, w, qtype);
+at::Tensor quant_matmul_exact(const at::Tensor& x, const at::Tensor& w, int64_t qtype, bool to_float32) {
+    at::Tensor y = run_quant_matmul<double>(x, w, qtype);
+    return to_float32 ? y.to(at::kFloat) : y;
 }
 
 }  // namespace tp_numa

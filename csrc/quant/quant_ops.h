@@ -13,7 +13,8 @@ at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qtype)
 // every (row, block) term is the kernel's fp32 value for that one block, and the terms are
 // summed in float64 in block order. y float64 [M, N]. Row-parallel layers use it so that
 // tp=N (each rank a block range, partials summed in fp64) rounds to the same fp32 as tp=1.
-at::Tensor quant_matmul_exact(const at::Tensor& x, const at::Tensor& w, int64_t qtype);
+// to_float32: return the float64 sums rounded to float32 (a layer with nothing to all-reduce).
+at::Tensor quant_matmul_exact(const at::Tensor& x, const at::Tensor& w, int64_t qtype, bool to_float32);
 
 // The x4 layout (quant/packed_x4.h): four rows interleaved per block, for Q4_0/Q5_0/Q8_0.
 // pack_x4: raw rows uint8 [N, row_bytes] -> packed uint8 [ceil(N/4), nb * 4 * block_bytes];
@@ -22,7 +23,8 @@ at::Tensor quant_matmul_exact(const at::Tensor& x, const at::Tensor& w, int64_t 
 at::Tensor pack_x4(const at::Tensor& w, int64_t qtype);
 at::Tensor unpack_x4(const at::Tensor& wp, int64_t qtype, int64_t n);
 at::Tensor quant_matmul_x4(const at::Tensor& x, const at::Tensor& wp, int64_t qtype, int64_t n);
-at::Tensor quant_matmul_x4_exact(const at::Tensor& x, const at::Tensor& wp, int64_t qtype, int64_t n);
+at::Tensor quant_matmul_x4_exact(const at::Tensor& x, const at::Tensor& wp, int64_t qtype, int64_t n,
+                                 bool to_float32);
 
 // SIMD path in use ("avx512vnni", "avx512", "avx2", "scalar") and a way to force one
 // (tests force "scalar" to check the reference; "auto" restores detection).

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import attention_ops
 from ..errors import TpNumaError
 
 KV_CACHE_DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32}
@@ -115,11 +116,9 @@ class Attention(nn.Module):
 
     def _native(self, q: torch.Tensor) -> bool:
         """Whether the native ops serve this call (decided once per device)."""
-        if self.use_native is False or q.device.type != "cpu" or self.k_cache.device.type != "cpu":
+        if self.use_native is False or not q.is_cpu or not self.k_cache.is_cpu:
             return False
         if self._native_ok is None:
-            from .. import attention_ops
-
             self._native_ok = bool(self.use_native) or attention_ops.available()
         return self._native_ok
 
@@ -184,12 +183,10 @@ class Attention(nn.Module):
         """One token: cache write and attention in one native call. The slot is
         ``start_pos % slots``; the keys visible are all filled slots (for a window layer
         whose ring has wrapped, exactly the last ``window`` positions)."""
-        from ..attention_ops import attn_decode_update
-
         q0 = q[0]
         if q0.dtype != torch.float32 or not q0.is_contiguous():
             q0 = q0.float().contiguous()
-        out = attn_decode_update(q0, k[0], v[0], self.k_cache, self.v_cache, start_pos % self.slots,
+        out = attention_ops.attn_decode_update(q0, k[0], v[0], self.k_cache, self.v_cache, start_pos % self.slots,
                                  min(start_pos + 1, self.slots), self.scale).view(1, -1)
         return out if q.dtype == torch.float32 else out.to(q.dtype)
 

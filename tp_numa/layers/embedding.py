@@ -21,7 +21,8 @@ from ..distributed import parallel_state
 from ..errors import ModelFormatError
 from ..gguf_loader import GGUFFile
 from .partition import Range, partition_rows
-from .quant import linear_method_for, method_of
+from .. import ops
+from .quant import linear_method_for, method_of, shared_x4_weight, x4_enabled
 
 
 def dequantize_rows(rows: torch.Tensor, qtype: int, n_cols: int) -> torch.Tensor:
@@ -47,6 +48,7 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_range = tuple(vocab_range)
         self.register_buffer("weight", None, persistent=False)
         self.qtype = -1
+        self.packed_rows: int | None = None   # rows of the x4-packed weight (None: raw rows)
 
     def load_gguf(self, f: GGUFFile, name: str) -> None:
         info = f.info(name)
@@ -56,6 +58,27 @@ class VocabParallelEmbedding(nn.Module):
                 f"expected [{self.vocab_size}, {self.embedding_dim}]")
         self.weight = f.read_rows(name, *self.vocab_range)
         self.qtype = int(info.qtype)
+        self.packed_rows = None
+
+    def repack_x4(self) -> bool:
+        """Repack this rank's rows into the x4 layout (``ops.pack_x4``) so a tied LM head
+        sharing them runs the x4 GEMV; lookups then unpack the few groups they touch.
+        False (rows unchanged) when the type has no x4 layout or TP_NUMA_X4=0."""
+        if self.packed_rows is not None:
+            return True
+        if self.qtype not in ops.X4_QTYPES or not x4_enabled():
+            return False
+        self.packed_rows = int(self.weight.shape[0])
+        self.weight = ops.pack_x4(self.weight, self.qtype)
+        return True
+
+    def _raw_rows(self, local: torch.Tensor) -> torch.Tensor:
+        """Raw GGUF rows [n, row_bytes] of local row ids [n]."""
+        if self.packed_rows is None:
+            return self.weight[local]
+        groups, inverse = torch.unique(local // 4, return_inverse=True)
+        raw = ops.unpack_x4(self.weight[groups].contiguous(), self.qtype, 4 * groups.numel())
+        return raw[inverse * 4 + local % 4]
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         v0, v1 = self.vocab_range
@@ -66,7 +89,7 @@ class VocabParallelEmbedding(nn.Module):
         out = torch.zeros((tokens.shape[0], self.embedding_dim), dtype=torch.float32)
         if bool(mine.any()):
             local = tokens[mine] - v0
-            out[mine] = dequantize_rows(self.weight[local], self.qtype, self.embedding_dim)
+            out[mine] = dequantize_rows(self._raw_rows(local), self.qtype, self.embedding_dim)
         if self.tp_size > 1:
             from ..distributed import communicator
 
@@ -102,9 +125,14 @@ class ParallelLMHead(nn.Module):
             self, "weight", f.read_rows(name, *self.vocab_range), int(info.qtype))
 
     def tie_weights(self, embedding: VocabParallelEmbedding) -> None:
-        """Share the embedding's rows (tied output): same vocab split, no second copy."""
+        """Share the embedding's rows (tied output): same vocab split, no second copy. Types
+        with an x4 layout are repacked in the embedding first (the head's GEMV is the
+        larger cost: every row every step, against a few looked-up rows)."""
         assert embedding.vocab_range == self.vocab_range
-        linear_method_for(embedding.qtype).create_weights(self, "weight", embedding.weight, embedding.qtype)
+        if embedding.repack_x4():
+            shared_x4_weight(self, "weight", embedding.weight, embedding.qtype, embedding.packed_rows)
+        else:
+            linear_method_for(embedding.qtype).create_weights(self, "weight", embedding.weight, embedding.qtype)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor | None:
         logits = method_of(self, "weight").apply(self, "weight", h)   # (T, v1 - v0)

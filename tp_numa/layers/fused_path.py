@@ -28,6 +28,13 @@ def enabled() -> bool:
 
 
 def applies(*ts: torch.Tensor) -> bool:
-    """True if the fused ops are on and every tensor is contiguous float32 on the CPU."""
-    return enabled() and all(
-        t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in ts)
+    """True if the fused ops are on and every tensor is contiguous float32 on the CPU.
+
+    Called several times per layer and decode step: a plain loop over cheap attributes
+    (``is_cpu``, not ``device.type``, which builds a device object)."""
+    if not (_state["enabled"] and (_state["available"] or (_state["available"] is None and enabled()))):
+        return False
+    for t in ts:
+        if t.dtype is not torch.float32 or not t.is_cpu or not t.is_contiguous():
+            return False
+    return True

@@ -210,16 +210,18 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, k1-k0] (this rank's share of the inputs) -> [T, output_size] (full sum)."""
         exact = self.exact and len(self._runs) == 1
+        reduce = self.reduce_results and self.tp_size > 1
         if exact:
             n = self._runs[0]
-            y = method_of(self, n).apply_exact(self, n, x)   # float64 partials
+            # float64 partials; with nothing to sum across ranks the op rounds them itself
+            y = method_of(self, n).apply_exact(self, n, x, to_float32=not reduce)
         else:
             y = self._matmul(x)
-        if self.reduce_results and self.tp_size > 1:
+        if reduce:
             from ..distributed import communicator
 
             communicator.all_reduce(y)
-        if exact:
+        if exact and y.dtype != x.dtype:
             y = y.to(x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32)
         if self.bias is not None:
             y.add_(self.bias)          # y is fresh (matmul output): add in place

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..errors import ModelFormatError
 from ..gguf_loader import GGUFFile
+from .. import fused_ops
 from . import fused_path
 
 
@@ -29,8 +30,6 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., dim] float32 -> same shape (one native call for contiguous float32 CPU x)."""
         if fused_path.applies(x, self.weight):
-            from .. import fused_ops
-
             return fused_ops.rms_norm(x, self.weight, self.eps)
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 

@@ -6,7 +6,8 @@ GGUF weights stay in their block format: a ``[N, K]`` weight is ``uint8 [N, row_
 raw rows, and the native op ``tp_numa.ops.quant_matmul`` multiplies on the blocks
 (F32/F16/BF16 rows go through the same op).
 
-Q4_0, Q5_0 and Q8_0 weights of the decoder layers and of an untied LM head are repacked
+Q4_0, Q5_0 and Q8_0 weights of the decoder layers and of the LM head (a tied head through
+its embedding, ``VocabParallelEmbedding.repack_x4``) are repacked
 once at load time into the x4 layout (``tp_numa.ops.pack_x4``: four rows interleaved
 block by block, same bytes): their GEMV is compute-bound in the row layout and runs 1.3-1.7x
 faster packed. ``TP_NUMA_X4=0`` keeps the raw rows (for A/B benchmarks).
@@ -30,9 +31,10 @@ class LinearMethodBase:
     def apply(self, layer: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def apply_exact(self, layer: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    def apply_exact(self, layer: nn.Module, name: str, x: torch.Tensor, to_float32: bool = False) -> torch.Tensor:
         """``x @ W^T`` as float64 partial sums whose value does not depend on how the input
-        columns are split (see ``tp_numa.ops.quant_matmul_exact``)."""
+        columns are split (see ``tp_numa.ops.quant_matmul_exact``); ``to_float32``: their
+        float32 rounding (when there is nothing to all-reduce)."""
         raise NotImplementedError
 
     def raw_rows(self, layer: nn.Module, name: str) -> torch.Tensor:
@@ -57,8 +59,9 @@ class GGUFLinearMethod(LinearMethodBase):
         w = getattr(layer, name)
         return ops.quant_matmul(x.contiguous(), w, getattr(layer, name + "_qtype"))
 
-    def apply_exact(self, layer: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
-        return ops.quant_matmul_exact(x.contiguous(), getattr(layer, name), getattr(layer, name + "_qtype"))
+    def apply_exact(self, layer: nn.Module, name: str, x: torch.Tensor, to_float32: bool = False) -> torch.Tensor:
+        return ops.quant_matmul_exact(x.contiguous(), getattr(layer, name), getattr(layer, name + "_qtype"),
+                                      to_float32)
 
 
 class X4LinearMethod(LinearMethodBase):
@@ -68,9 +71,13 @@ class X4LinearMethod(LinearMethodBase):
     def create_weights(self, layer: nn.Module, name: str, rows: torch.Tensor, qtype: int) -> None:
         """rows: uint8 [N, row_bytes]; kept as uint8 [ceil(N/4), 4 * row_bytes] (rows freed)."""
         assert rows.dtype == torch.uint8 and rows.dim() == 2 and rows.is_contiguous()
-        layer.register_buffer(name, ops.pack_x4(rows, int(qtype)), persistent=False)
+        self.use_packed(layer, name, ops.pack_x4(rows, int(qtype)), qtype, int(rows.shape[0]))
+
+    def use_packed(self, layer: nn.Module, name: str, packed: torch.Tensor, qtype: int, n_rows: int) -> None:
+        """Register an already packed weight of n_rows rows (e.g. shared with an embedding)."""
+        layer.register_buffer(name, packed, persistent=False)
         setattr(layer, name + "_qtype", int(qtype))
-        setattr(layer, name + "_rows", int(rows.shape[0]))
+        setattr(layer, name + "_rows", int(n_rows))
         setattr(layer, name + "_method", self)
 
     def raw_rows(self, layer: nn.Module, name: str) -> torch.Tensor:
@@ -80,9 +87,9 @@ class X4LinearMethod(LinearMethodBase):
         return ops.quant_matmul_x4(x.contiguous(), getattr(layer, name), getattr(layer, name + "_qtype"),
                                    getattr(layer, name + "_rows"))
 
-    def apply_exact(self, layer: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    def apply_exact(self, layer: nn.Module, name: str, x: torch.Tensor, to_float32: bool = False) -> torch.Tensor:
         return ops.quant_matmul_x4_exact(x.contiguous(), getattr(layer, name), getattr(layer, name + "_qtype"),
-                                         getattr(layer, name + "_rows"))
+                                         getattr(layer, name + "_rows"), to_float32)
 
 
 def x4_enabled() -> bool:
@@ -98,6 +105,11 @@ def linear_method_for(qtype: int, repack: bool = False) -> LinearMethodBase:
     if repack and int(qtype) in ops.X4_QTYPES and x4_enabled():
         return _X4_METHOD
     return _GGUF_METHOD
+
+
+def shared_x4_weight(layer: nn.Module, name: str, packed: torch.Tensor, qtype: int, n_rows: int) -> None:
+    """Give ``layer.<name>`` an x4-packed weight owned by another module (tied LM head)."""
+    _X4_METHOD.use_packed(layer, name, packed, qtype, n_rows)
 
 
 def method_of(layer: nn.Module, name: str) -> LinearMethodBase:

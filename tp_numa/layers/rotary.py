@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import fused_ops
 from . import fused_path
 
 
@@ -47,8 +48,6 @@ class RotaryEmbedding(nn.Module):
         native call and returned; anything else goes through ``forward`` (a new tensor)."""
         if (x.dim() == 3 and x.stride(2) == 1 and (x.shape[1] == 1 or x.stride(1) == x.shape[2])
                 and x.dtype == torch.float32 and x.device.type == "cpu" and fused_path.applies(cos, sin)):
-            from .. import fused_ops
-
             return fused_ops.rope_(x, cos, sin, self.style == "neox")
         return self.forward(x, cos, sin)
 

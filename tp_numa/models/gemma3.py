@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import fused_ops
 from ..config import ModelConfig
 from ..gguf_loader import GGUFFile
 from ..layers import fused_path
@@ -53,8 +54,6 @@ class Gemma3DecoderLayer(nn.Module):
         post, pre, post_ff = self.post_attention_layernorm, self.pre_feedforward_layernorm, \
             self.post_feedforward_layernorm
         if fused_path.applies(a, x, post.weight, pre.weight):
-            from .. import fused_ops
-
             # h = x + post(a) into a fresh copy of x (x is the caller's); y = pre(h)
             h = x.clone()
             y = fused_ops.add_rms_norm_(h, a, pre.weight, pre.eps, x_weight=post.weight)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import fused_ops
 from ..config import ModelConfig
 from ..gguf_loader import GGUFFile
 from ..layers import fused_path
@@ -99,8 +100,6 @@ class MLP(nn.Module):
         """x [T, d] -> [T, d] (summed over ranks by down_proj)."""
         gu = self.gate_up_proj(x)                                # (T, 2 f_r) = [gate | up]
         if self._fusable and fused_path.applies(gu):
-            from .. import fused_ops
-
             return self.down_proj(fused_ops.act_mul(gu, self.act == "gelu_tanh"))
         gate, up = torch.split(gu, self.gate_up_proj.local_sizes, dim=1)   # (T, f_r) each
         if self.act == "gelu_tanh":
@@ -132,8 +131,6 @@ class DecoderLayer(nn.Module):
         a = self.self_attn(self.input_layernorm(x), start_pos, cos_sin)   # fresh (T, d)
         ln = self.post_attention_layernorm
         if fused_path.applies(a, x, ln.weight):
-            from .. import fused_ops
-
             y = fused_ops.add_rms_norm_(a, x, ln.weight, ln.eps)         # a <- h = x + attn, y = norm(h)
             return self.mlp(y).add_(a)
         h = x + a
