@@ -147,3 +147,14 @@ def test_x4_opcheck(op):
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.tp_numa.unpack_x4.default, (wp, int(T.Q5_0), 9),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_which_weights_are_repacked(monkeypatch):
+    from tp_numa.layers.quant import x4_pays
+
+    assert x4_pays(int(T.Q5_0), 22 * 128) and x4_pays(int(T.Q4_0), 18 * 128)
+    assert x4_pays(int(T.Q8_0), 34 * 28)            # 896-wide: x4 is faster
+    assert not x4_pays(int(T.Q8_0), 34 * 128)       # 4096-wide: the row layout's 4-row GEMV is
+    assert not x4_pays(int(T.Q4_K), 144 * 16)       # no x4 layout
+    monkeypatch.setenv("TP_NUMA_X4", "0")
+    assert not x4_pays(int(T.Q5_0), 22 * 128)

@@ -22,7 +22,7 @@ from ..errors import ModelFormatError
 from ..gguf_loader import GGUFFile
 from .partition import Range, partition_rows
 from .. import ops
-from .quant import linear_method_for, method_of, shared_x4_weight, x4_enabled
+from .quant import linear_method_for, method_of, shared_x4_weight, x4_pays
 
 
 def dequantize_rows(rows: torch.Tensor, qtype: int, n_cols: int) -> torch.Tensor:
@@ -66,7 +66,7 @@ class VocabParallelEmbedding(nn.Module):
         False (rows unchanged) when the type has no x4 layout or TP_NUMA_X4=0."""
         if self.packed_rows is not None:
             return True
-        if self.qtype not in ops.X4_QTYPES or not x4_enabled():
+        if not x4_pays(self.qtype, self.weight.shape[1]):
             return False
         self.packed_rows = int(self.weight.shape[0])
         self.weight = ops.pack_x4(self.weight, self.qtype)
@@ -120,9 +120,10 @@ class ParallelLMHead(nn.Module):
             raise ModelFormatError(
                 f"{f.path}: tensor '{name}' has shape {list(info.shape)}, "
                 f"expected [{self.vocab_size}, {self.hidden_size}]")
-        # untied: the head owns its rows, so Q4_0/Q5_0/Q8_0 heads are repacked (x4 layout)
-        linear_method_for(int(info.qtype), repack=True).create_weights(
-            self, "weight", f.read_rows(name, *self.vocab_range), int(info.qtype))
+        # untied: the head owns its rows, so it may be repacked (x4 layout, see quant.x4_pays)
+        rows = f.read_rows(name, *self.vocab_range)
+        linear_method_for(int(info.qtype), repack=True, row_bytes=rows.shape[1]).create_weights(
+            self, "weight", rows, int(info.qtype))
 
     def tie_weights(self, embedding: VocabParallelEmbedding) -> None:
         """Share the embedding's rows (tied output): same vocab split, no second copy. Types
