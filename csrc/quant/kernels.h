@@ -15,7 +15,8 @@
 
 namespace tp_numa::quant {
 
-enum class ActKind { kFloat, kQ8A, kQ8K };
+// kQ8AX4: kQ8A's values in the x4 layout's lane order (BlockQ8AX4, packed_x4.h).
+enum class ActKind { kFloat, kQ8A, kQ8K, kQ8AX4 };
 
 struct TypeInfo {
     const char* name;
@@ -63,6 +64,7 @@ inline size_t act_row_bytes(ActKind kind, int64_t K) {
         case ActKind::kFloat: return size_t(K) * sizeof(float);
         case ActKind::kQ8A: return size_t(K / QK) * sizeof(BlockQ8A);
         case ActKind::kQ8K: return size_t(K / QK_K) * sizeof(BlockQ8K);
+        case ActKind::kQ8AX4: return size_t(K / QK) * sizeof(BlockQ8AX4);
     }
     return 0;
 }
@@ -98,6 +100,7 @@ struct Kernels {
     TileX4Fn tile_x4[32];
     TileX4ExactFn tile_x4_exact[32];
     QuantizeFn quantize_q8a;
+    QuantizeFn quantize_q8ax4;  // quantize_q8a's blocks, written in lane order
     QuantizeFn quantize_q8k;
 };
 

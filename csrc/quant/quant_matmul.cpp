@@ -44,9 +44,9 @@ uint8_t* scratch(std::vector<uint8_t>& buf, size_t bytes) {
     return buf.data();
 }
 
-// Prepares rows [m0, m1) of x into act (act_bytes per row; row m at act + (m - base) * act_bytes).
+// Prepares rows [m0, m1) of x into act (act_bytes per row).
 void prepare_rows(const at::Tensor& x, int64_t m0, int64_t m1, ActKind kind, const Kernels& k,
-                  uint8_t* act, size_t act_bytes, int64_t base = 0) {
+                  uint8_t* act, size_t act_bytes) {
     const int64_t K = x.size(1);
     const bool is_bf16 = x.scalar_type() == at::kBFloat16;
     thread_local std::vector<uint8_t> row_buf;
@@ -55,38 +55,65 @@ void prepare_rows(const at::Tensor& x, int64_t m0, int64_t m1, ActKind kind, con
         const float* xr;
         if (is_bf16) {
             const auto* src = x.data_ptr<at::BFloat16>() + m * K;
-            float* dst = kind == ActKind::kFloat ? reinterpret_cast<float*>(act + (m - base) * act_bytes) : tmp;
+            float* dst = kind == ActKind::kFloat ? reinterpret_cast<float*>(act + m * act_bytes) : tmp;
             for (int64_t i = 0; i < K; ++i) dst[i] = float(src[i]);
             xr = dst;
         } else {
             xr = x.data_ptr<float>() + m * K;
         }
         if (kind == ActKind::kQ8A) {
-            k.quantize_q8a(xr, K, act + (m - base) * act_bytes);
+            k.quantize_q8a(xr, K, act + m * act_bytes);
         } else if (kind == ActKind::kQ8K) {
-            k.quantize_q8k(xr, K, act + (m - base) * act_bytes);
+            k.quantize_q8k(xr, K, act + m * act_bytes);
+        } else if (kind == ActKind::kQ8AX4) {
+            k.quantize_q8ax4(xr, K, act + m * act_bytes);
         }
     }
+}
+
+// Every activation row of x in the form `kind`, prepared once per call into a thread-local
+// buffer (threads split the rows); float32 rows for float weights are used in place.
+const uint8_t* prepare_activation(const at::Tensor& x, ActKind kind, const Kernels& k) {
+    if (kind == ActKind::kFloat && x.scalar_type() == at::kFloat) {
+        return reinterpret_cast<const uint8_t*>(x.data_ptr<float>());
+    }
+    const int64_t M = x.size(0), K = x.size(1);
+    const size_t act_bytes = quant::act_row_bytes(kind, K);
+    thread_local std::vector<uint8_t> act_buf;
+    uint8_t* buf = scratch(act_buf, M * act_bytes);
+    if (M > 1) {
+        at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t m0, int64_t m1) {
+            prepare_rows(x, m0, m1, kind, k, buf, act_bytes);
+        });
+    } else {
+        prepare_rows(x, 0, M, kind, k, buf, act_bytes);
+    }
+    return buf;
+}
+
+// The activation checks both ops share: `op` names the op in the message.
+void check_activation(const char* op, const at::Tensor& x, const TypeInfo* ti) {
+    TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
+    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+                op, ": x must be float32 or bfloat16, got ", x.scalar_type());
+    TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [M, K], got shape ", x.sizes());
+    TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous (call .contiguous())");
+    TORCH_CHECK(x.size(1) % ti->block_elems == 0, op, ": K=", x.size(1), " is not a multiple of the ",
+                ti->name, " block size ", ti->block_elems);
 }
 
 void check_inputs(const at::Tensor& x, const at::Tensor& w, int64_t qtype, const TypeInfo* ti) {
     TORCH_CHECK(ti != nullptr, "quant_matmul: unknown or unsupported GGML type id ", qtype,
                 " (supported: F32=0 F16=1 Q4_0=2 Q4_1=3 Q5_0=6 Q5_1=7 Q8_0=8 Q4_K=12 Q5_K=13 "
                 "Q6_K=14 IQ4_NL=20 IQ4_XS=23 BF16=30)");
-    TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(),
-                "quant_matmul: x and w must be CPU tensors, got ", x.device(), " and ", w.device());
-    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
-                "quant_matmul: x must be float32 or bfloat16, got ", x.scalar_type());
-    TORCH_CHECK(x.dim() == 2, "quant_matmul: x must be 2-D [M, K], got shape ", x.sizes());
-    TORCH_CHECK(x.is_contiguous(), "quant_matmul: x must be contiguous (call .contiguous())");
+    TORCH_CHECK(w.device().is_cpu(), "quant_matmul: w must be a CPU tensor, got ", w.device());
+    check_activation("quant_matmul", x, ti);
     TORCH_CHECK(w.scalar_type() == at::kByte,
                 "quant_matmul: w must be uint8 raw GGUF bytes, got ", w.scalar_type());
     TORCH_CHECK(w.dim() == 2, "quant_matmul: w must be 2-D [N, row_bytes], got shape ", w.sizes());
     TORCH_CHECK(w.is_contiguous(),
                 "quant_matmul: w must be contiguous (copy a row-parallel shard with .contiguous())");
     const int64_t K = x.size(1);
-    TORCH_CHECK(K % ti->block_elems == 0, "quant_matmul: K=", K, " is not a multiple of the ",
-                ti->name, " block size ", ti->block_elems);
     const int64_t row_bytes = K / ti->block_elems * ti->block_bytes;
     TORCH_CHECK(w.size(1) == row_bytes, "quant_matmul: w has ", w.size(1),
                 " bytes per row but K=", K, " in ", ti->name, " needs ", row_bytes,
@@ -130,24 +157,8 @@ at::Tensor run_quant_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qt
     const auto tile_fn = M >= 2 ? pick<Out>(k.tile[qtype], k.tile_exact[qtype]) : nullptr;
     const int nb = int(K / ti->block_elems);
 
-    // activation rows, prepared once
     const size_t act_bytes = quant::act_row_bytes(ti->act, K);
-    const uint8_t* act;
-    if (ti->act == ActKind::kFloat && x.scalar_type() == at::kFloat) {
-        act = reinterpret_cast<const uint8_t*>(x.data_ptr<float>());
-    } else {
-        thread_local std::vector<uint8_t> act_buf;
-        uint8_t* buf = scratch(act_buf, M * act_bytes);
-        const int64_t grain = std::max<int64_t>(1, 16384 / K);
-        if (M > 1) {
-            at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
-                prepare_rows(x, m0, m1, ti->act, k, buf, act_bytes);
-            });
-        } else {
-            prepare_rows(x, 0, M, ti->act, k, buf, act_bytes);
-        }
-        act = buf;
-    }
+    const uint8_t* act = prepare_activation(x, ti->act, k);
 
     // weight rows per tile, and the minimum rows per thread so a task is worth a wake-up
     const int64_t tile = std::max<int64_t>(1, kTileBytes / row_bytes);
@@ -201,13 +212,8 @@ at::Tensor run_quant_matmul_x4(const at::Tensor& x, const at::Tensor& wp, int64_
     constexpr bool kExact = std::is_same_v<Out, double>;
     const char* op = kExact ? "quant_matmul_x4_exact" : "quant_matmul_x4";
     const TypeInfo* ti = check_x4_type(op, qtype);
-    TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
-                    x.dim() == 2 && x.is_contiguous(),
-                op, ": x must be a contiguous 2-D float32 or bfloat16 CPU tensor, got ", x.scalar_type(), " ",
-                x.sizes());
+    check_activation(op, x, ti);
     const int64_t M = x.size(0), K = x.size(1);
-    TORCH_CHECK(K % ti->block_elems == 0, op, ": K=", K, " is not a multiple of the ", ti->name, " block size ",
-                ti->block_elems);
     check_x4_weight(op, wp, ti, qtype, K, n);
     at::Tensor y = new_output<Out>(x, n);
     if (M == 0 || n == 0 || K == 0) return finish<Out>(x, y.zero_());
@@ -221,27 +227,9 @@ at::Tensor run_quant_matmul_x4(const at::Tensor& x, const at::Tensor& wp, int64_
     const int nb = int(K / ti->block_elems);
     const size_t gstride = size_t(wp.size(1)), row_bytes = size_t(nb) * ti->block_bytes;
 
-    const size_t q8a_bytes = quant::act_row_bytes(ActKind::kQ8A, K);
-    const size_t act_bytes = reference ? q8a_bytes : size_t(nb) * sizeof(quant::BlockQ8AX4);
-    thread_local std::vector<uint8_t> act_buf;
-    uint8_t* act = scratch(act_buf, M * act_bytes);
-    auto prepare = [&](int64_t m0, int64_t m1) {
-        thread_local std::vector<uint8_t> one;
-        uint8_t* tmp = scratch(one, q8a_bytes);
-        for (int64_t m = m0; m < m1; ++m) {
-            if (reference) {
-                prepare_rows(x, m, m + 1, ActKind::kQ8A, k, act, act_bytes);
-                continue;
-            }
-            prepare_rows(x, m, m + 1, ActKind::kQ8A, k, tmp, q8a_bytes, m);
-            quant::expand_act_x4(tmp, nb, act + m * act_bytes);
-        }
-    };
-    if (M > 1) {
-        at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), prepare);
-    } else {
-        prepare(0, 1);
-    }
+    const ActKind act_kind = reference ? ActKind::kQ8A : ActKind::kQ8AX4;
+    const size_t act_bytes = quant::act_row_bytes(act_kind, K);
+    const uint8_t* act = prepare_activation(x, act_kind, k);
 
     const uint8_t* wp_ = wp.data_ptr<uint8_t>();
     Out* yp = y.data_ptr<Out>();

@@ -45,6 +45,16 @@ void quantize_q8a(const float* x, int64_t K, void* out) {
     }
 }
 
+// The same blocks as quantize_q8a, in the x4 layout's lane order.
+void quantize_q8ax4(const float* x, int64_t K, void* out) {
+    auto* o = static_cast<BlockQ8AX4*>(out);
+    for (int64_t i = 0; i < K / QK; ++i) {
+        BlockQ8A b;
+        quantize_q8a(x + i * QK, QK, &b);
+        expand_act_x4(&b, 1, o + i);
+    }
+}
+
 void quantize_q8k(const float* x, int64_t K, void* out) {
     auto* b = static_cast<BlockQ8K*>(out);
     for (int64_t i = 0; i < K / QK_K; ++i, x += QK_K) {
@@ -314,6 +324,7 @@ Kernels make_scalar() {
     k.rows[kIQ4_XS] = rows<float, dot_iq4_xs<float>>;
     k.rows_exact[kIQ4_XS] = rows<double, dot_iq4_xs<double>>;
     k.quantize_q8a = quantize_q8a;
+    k.quantize_q8ax4 = quantize_q8ax4;
     k.quantize_q8k = quantize_q8k;
     return k;
 }
