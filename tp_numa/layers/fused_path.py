@@ -32,7 +32,7 @@ def applies(*ts: torch.Tensor) -> bool:
 
     Called several times per layer and decode step: a plain loop over cheap attributes
     (``is_cpu``, not ``device.type``, which builds a device object)."""
-    if not (_state["enabled"] and (_state["available"] or (_state["available"] is None and enabled()))):
+    if not enabled():
         return False
     for t in ts:
         if t.dtype is not torch.float32 or not t.is_cpu or not t.is_contiguous():
