@@ -55,36 +55,35 @@ inline __m256i quant32(const float* x, __m256 id, int* s16) {
     return _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
+// One 32-element Q8A block: returns the int8 values in element order, sets d and s.
 // Bit-identical to the scalar quantizers (scalar.cpp), which mirror ggml's.
+inline __m256i q8a_block(const float* x, float* d, float* s) {
+    const float amax = absmax(x, QK);
+    *d = round_to_f16(amax / 127.f);
+    const float id = amax != 0.f ? 127.f / amax : 0.f;
+    int s16[2];
+    const __m256i q = quant32(x, _mm256_set1_ps(id), s16);
+    *s = *d * float(s16[0] + s16[1]);
+    return q;
+}
+
 inline void quantize_q8a(const float* x, int64_t K, void* out) {
     auto* b = static_cast<BlockQ8A*>(out);
     for (int64_t i = 0; i < K / QK; ++i, x += QK) {
-        const float amax = absmax(x, QK);
-        const float d = round_to_f16(amax / 127.f);
-        const float id = amax != 0.f ? 127.f / amax : 0.f;
-        int s[2];
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(b[i].qs), quant32(x, _mm256_set1_ps(id), s));
-        b[i].d = d;
-        b[i].s = d * float(s[0] + s[1]);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(b[i].qs), q8a_block(x, &b[i].d, &b[i].s));
     }
 }
 
 // quantize_q8a's blocks in the x4 lane order (packed_x4.h): code vector v repeats the
-// 4-byte groups 2v (lanes 0-3) and 2v + 1 (lanes 4-7) of the block. Bit-identical values.
+// 4-byte groups 2v (lanes 0-3) and 2v + 1 (lanes 4-7) of the block.
 inline void quantize_q8ax4(const float* x, int64_t K, void* out) {
     auto* b = static_cast<BlockQ8AX4*>(out);
     for (int64_t i = 0; i < K / QK; ++i, x += QK) {
-        const float amax = absmax(x, QK);
-        const float d = round_to_f16(amax / 127.f);
-        const float id = amax != 0.f ? 127.f / amax : 0.f;
-        int s[2];
-        const __m256i q = quant32(x, _mm256_set1_ps(id), s);
+        const __m256i q = q8a_block(x, &b[i].d, &b[i].s);
         for (int v = 0; v < 4; ++v) {
             const __m256i idx = _mm256_setr_epi32(2 * v, 2 * v, 2 * v, 2 * v, 2 * v + 1, 2 * v + 1, 2 * v + 1, 2 * v + 1);
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(b[i].qs[v]), _mm256_permutevar8x32_epi32(q, idx));
         }
-        b[i].d = d;
-        b[i].s = d * float(s[0] + s[1]);
     }
 }
 
