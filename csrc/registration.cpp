@@ -5,6 +5,7 @@
 
 #include "attention/attention_ops.h"
 #include "comm/shm_ops.h"
+#include "decode/decode_plan.h"
 #include "fused/fused_ops.h"
 #include "quant/quant_ops.h"
 
@@ -45,6 +46,15 @@ TORCH_LIBRARY(tp_numa, m) {
     m.def("add_rms_norm_(Tensor(a!) residual, Tensor x, Tensor w, float eps, Tensor? x_weight=None) -> Tensor");
     m.def("rope_(Tensor(a!) x, Tensor cos, Tensor sin, bool neox) -> ()");
     m.def("act_mul(Tensor gu, bool gelu) -> Tensor");
+
+    // ---- native decode step over a rank's decoder layers (csrc/decode) ----
+    // torch.classes.tp_numa.DecodePlan: built once from the loaded modules, one call per token
+    m.class_<tp_numa::DecodePlan>("DecodePlan")
+        .def(torch::init<int64_t, double, int64_t>())
+        .def("add_layer", &tp_numa::DecodePlan::add_layer)
+        .def("set_linear", &tp_numa::DecodePlan::set_linear)
+        .def("forward", &tp_numa::DecodePlan::forward)
+        .def("n_layers", &tp_numa::DecodePlan::n_layers);
 }
 
 TORCH_LIBRARY_IMPL(tp_numa, CPU, m) {

@@ -22,6 +22,11 @@ ops of ``tp_numa.fused_ops`` by default. ``--ab-fused`` measures what that buys:
 steps with the fused path switched off in this process (``tp_numa.layers.fused_path``,
 eager torch ops instead) and on, alternating A/B rounds so machine noise hits both, checks
 that both give the same logits, and prints ms/step of each.
+
+For T = 1 every decoder layer runs in one native call by default (``tp_numa::decode_layers``,
+tp_numa/layers/native_decode.py); its stages appear below it as ``native_decode::*``.
+``--ab-native`` alternates that with the nn.Module layers (``TP_NUMA_NATIVE_DECODE=0``) the
+same way and checks the logits agree.
 """
 from __future__ import annotations
 
@@ -42,7 +47,9 @@ def main() -> int:
     ap.add_argument("--depth", type=int, default=16, help="context positions filled before the steps")
     ap.add_argument("--top", type=int, default=15, help="non-native ops to list")
     ap.add_argument("--ab-fused", action="store_true", help="A/B: eager torch small ops vs the default fused native ops")
-    ap.add_argument("--rounds", type=int, default=3, help="--ab-fused: alternating rounds")
+    ap.add_argument("--ab-native", action="store_true",
+                    help="A/B: the nn.Module layers vs the default native decode step (one DecodePlan call)")
+    ap.add_argument("--rounds", type=int, default=3, help="--ab-fused / --ab-native: alternating rounds")
     ap.add_argument("--trace", default=None, metavar="FILE.json", help="also write a Chrome trace")
     args = ap.parse_args()
 
@@ -58,8 +65,8 @@ def main() -> int:
         run.prefill(args.depth, 0)
     run.decode(4, args.depth)  # warm-up
 
-    if args.ab_fused:
-        return ab_fused(args, run)
+    if args.ab_fused or args.ab_native:
+        return ab_compare(args, run, "native" if args.ab_native else "fused")
 
     c0 = time.process_time()
     wall = run.decode(args.steps, args.depth) / args.steps
@@ -69,7 +76,8 @@ def main() -> int:
         prof_wall = run.decode(args.steps, args.depth) / args.steps
     events = prof.key_averages()
     native = [e for e in events if e.key.startswith("tp_numa::")]
-    # cpu_time_total of an op includes its children; tp_numa ops do not nest, so a plain sum
+    # cpu_time_total of an op includes its children; tp_numa ops do not nest (the stages
+    # inside tp_numa::decode_layers are named native_decode::*), so a plain sum
     native_ms = sum(e.cpu_time_total for e in native) / 1e3 / args.steps
     rest_ms = wall * 1e3 - native_ms
     # the same from the profiled run alone (immune to drift between the two runs; the
@@ -89,7 +97,12 @@ def main() -> int:
     print("\nnative ops per step:")
     for e in sorted(native, key=lambda e: -e.cpu_time_total):
         print(f"  {e.key:40s} {e.count / args.steps:6.1f} calls  {e.cpu_time_total / 1e3 / args.steps:8.3f} ms")
-    others = [e for e in events if not e.key.startswith("tp_numa::")]
+    stages = [e for e in events if e.key.startswith("native_decode::")]
+    if stages:
+        print("\ninside tp_numa::decode_layers (the native decode step; times include nested stages):")
+        for e in sorted(stages, key=lambda e: -e.cpu_time_total):
+            print(f"  {e.key:40s} {e.count / args.steps:6.1f} calls  {e.cpu_time_total / 1e3 / args.steps:8.3f} ms")
+    others = [e for e in events if not e.key.startswith(("tp_numa::", "native_decode::"))]
     print(f"\ntop {args.top} other ops by self CPU time per step (profiler overhead included):")
     for e in sorted(others, key=lambda e: -e.self_cpu_time_total)[:args.top]:
         print(f"  {e.key:40s} {e.count / args.steps:6.1f} calls  {e.self_cpu_time_total / 1e3 / args.steps:8.3f} ms")
@@ -98,21 +111,26 @@ def main() -> int:
     return 0
 
 
-def ab_fused(args, run) -> int:
+def ab_compare(args, run, what: str) -> int:
+    """Alternating rounds of the default path and the one it replaced: what = "fused"
+    (fused native row ops vs eager torch ops) or "native" (one DecodePlan call per step vs
+    the nn.Module layers)."""
     import statistics
 
     import torch
 
-    from tp_numa.layers import fused_path
+    from tp_numa.layers import fused_path, native_decode
 
-    if not fused_path.enabled():
-        print("fused ops not available in this build: nothing to compare")
+    switch = fused_path if what == "fused" else native_decode
+    base, new = ("eager", "fused") if what == "fused" else ("modules", "native")
+    if not switch.enabled():
+        print(f"{what} path not available in this build: nothing to compare")
         return 1
-    times = {"eager": [], "fused": []}
-    cpu = {"eager": [], "fused": []}
+    times = {base: [], new: []}
+    cpu = {base: [], new: []}
     for _ in range(args.rounds):
-        for mode in ("eager", "fused"):
-            fused_path.set_enabled(mode == "fused")
+        for mode in (base, new):
+            switch.set_enabled(mode == new)
             run.decode(2, args.depth)
             c0 = time.process_time()
             times[mode].append(1e3 * run.decode(args.steps, args.depth) / args.steps)
@@ -120,14 +138,14 @@ def ab_fused(args, run) -> int:
     # the proposal must not change results: same token, same position, both modes
     tok = run.tokens(1)
     logits = {}
-    for mode in ("eager", "fused"):
-        fused_path.set_enabled(mode == "fused")
+    for mode in (base, new):
+        switch.set_enabled(mode == new)
         with torch.inference_mode():
             logits[mode] = run.model.forward(tok, args.depth)[-1].float()
-    fused_path.set_enabled(True)
-    diff = (logits["eager"] - logits["fused"]).abs().max().item()
-    print(f"logits eager vs fused: max |diff| {diff:.3g} (max |logit| {logits['eager'].abs().max().item():.3g}), "
-          f"same argmax: {bool(logits['eager'].argmax() == logits['fused'].argmax())}")
+    switch.set_enabled(True)
+    diff = (logits[base] - logits[new]).abs().max().item()
+    print(f"logits {base} vs {new}: max |diff| {diff:.3g} (max |logit| {logits[base].abs().max().item():.3g}), "
+          f"same argmax: {bool(logits[base].argmax() == logits[new].argmax())}")
     # CPU time (all threads of this process) is less disturbed than wall time on a shared machine
     for mode, ts in times.items():
         print(f"{mode:6s} decode step: wall median {statistics.median(ts):8.2f} ms, CPU median "

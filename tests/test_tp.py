@@ -28,10 +28,11 @@ TOKENS = "5,17,3,250,42,42,7,300,1,99"
 
 
 def _run(pairs: list[tuple[Path, Path]], np_: int, timeout: int = 600, prompts: list[list[int]] | None = None,
-         greedy: int = 6, cache: str = "f32") -> list[dict]:
+         greedy: int = 6, cache: str = "f32", native_decode: bool = True) -> list[dict]:
     """Run the worker on every (model, out) pair in one launch of np_ ranks."""
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-               OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent))
+               OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent),
+               TP_NUMA_NATIVE_DECODE="1" if native_decode else "0")
     if np_ == 1:
         cmd = [sys.executable, str(WORKER)]
     else:
@@ -69,7 +70,8 @@ SPECS = {
 
 @pytest.fixture(scope="module")
 def tp_results(tmp_path_factory):
-    """{n_ranks: {arch: worker output}} for n = 1, 2, 3, 4 (one launch per n)."""
+    """{n_ranks: {arch: worker output}} for n = 1, 2, 3, 4 (one launch per n), and under
+    "2-modules" np = 2 with the native decode step switched off (the nn.Module path)."""
     d = tmp_path_factory.mktemp("tp")
     models = {arch: write_model(d / f"{arch}.gguf", spec) for arch, spec in SPECS.items()}
     results = {}
@@ -77,6 +79,8 @@ def tp_results(tmp_path_factory):
         archs = list(SPECS) if n < 4 else ["qwen2", "gemma3", "llama_f32"]
         outs = _run([(models[a], d / f"{a}_tp{n}.npz") for a in archs], n)
         results[n] = dict(zip(archs, outs))
+    outs = _run([(models[a], d / f"{a}_tp2_modules.npz") for a in SPECS], 2, native_decode=False)
+    results["2-modules"] = dict(zip(SPECS, outs))
     return results
 
 
@@ -95,6 +99,23 @@ def test_tp_matches_single_rank(tp_results, arch):
         assert len(got["weight_bytes"]) == n
         # every rank holds less than the whole model
         assert got["weight_bytes"].max() < base["weight_bytes"][0]
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("arch", list(SPECS))
+def test_native_decode_step_is_the_module_path_under_tp(tp_results, arch):
+    """At np = 2 every rank decodes through the native DecodePlan (its all-reduce is the shm
+    op called from C++) and the steps are bitwise those of the nn.Module path."""
+    plan, modules = tp_results[2][arch], tp_results["2-modules"][arch]
+    assert plan["native_decode"].all(), plan["native_decode"]
+    assert not modules["native_decode"].any()
+    assert np.array_equal(plan["step_logits"], modules["step_logits"])
+    np.testing.assert_array_equal(plan["greedy"], modules["greedy"])
+    # np = 3 on qwen3 (8 query heads in 4 KV groups of 2, split 3/3/2): ranks 0 and 1
+    # hold heads of a group cut in two (K/V expanded per head), so they take the module
+    # path while rank 2 runs the plan; the collectives are the same on both paths
+    if arch == "qwen3":
+        assert list(tp_results[3][arch]["native_decode"]) == [False, False, True]
 
 
 @pytest.mark.mpi

@@ -9,7 +9,9 @@ For each model, rank 0 writes its OUT.npz with
 - ``greedy``: int64 [G] greedy continuation (prefill, then one token per step; rank 0
   picks the argmax and broadcasts the id, as the engine does);
 - ``step_logits``: float32 [G, vocab] logits of each decode step;
-- ``weight_bytes``: int64 [N] bytes of weights each rank holds.
+- ``weight_bytes``: int64 [N] bytes of weights each rank holds;
+- ``native_decode``: bool [N], whether each rank's decode steps ran the native
+  ``DecodePlan`` (tp_numa.layers.native_decode; off with TP_NUMA_NATIVE_DECODE=0).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from tp_numa.distributed import communicator, parallel_state  # noqa: E402
 from tp_numa.errors import TpNumaError  # noqa: E402
+from tp_numa.layers import native_decode  # noqa: E402
 from tp_numa.models import load_model, weight_bytes  # noqa: E402
 
 
@@ -65,9 +68,11 @@ def run_one(model_path: str, out: str, prompt: list[int], args, state) -> None:
             nxt[0] = int(step[0].argmax())
         communicator.broadcast(nxt, 0)
     sizes = communicator.all_gather(torch.tensor([weight_bytes(model)], dtype=torch.int64), dim=0)
+    native = communicator.all_gather(
+        torch.tensor([native_decode.plan_for(model.model) is not None], dtype=torch.int64), dim=0)
     if state.is_main:
         np.savez(out, logits=logits.numpy(), greedy=np.array(greedy, dtype=np.int64),
-                 step_logits=np.stack(steps), weight_bytes=sizes.numpy())
+                 step_logits=np.stack(steps), weight_bytes=sizes.numpy(), native_decode=native.numpy() != 0)
 
 
 if __name__ == "__main__":

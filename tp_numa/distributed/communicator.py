@@ -91,6 +91,17 @@ def all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def shm_all_reduce_handle() -> int | None:
+    """The native shm group handle behind ``all_reduce`` when every all-reduce of this
+    process goes straight to the shared-memory op (one host, several ranks), else None
+    (world size 1, MPI, several hosts). Native code that all-reduces by itself
+    (``tp_numa.layers.native_decode``) uses it; collective on its first call like any op."""
+    impl = _impl if _impl is not None else _get()
+    if impl.world_size == 1 or impl.direct_all_reduce is None:
+        return None
+    return int(impl.shm.handle)
+
+
 def all_gather(t: torch.Tensor, dim: int = -1, sizes: list[int] | None = None) -> torch.Tensor:
     """Concatenation of every rank's ``t`` along ``dim`` (rank order), on every rank.
 

@@ -122,15 +122,19 @@ class Attention(nn.Module):
             self._native_ok = bool(self.use_native) or attention_ops.available()
         return self._native_ok
 
-    def _check_call(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> int:
-        """Checks the cache exists, the positions fit it and the shapes match; returns T."""
+    def check_positions(self, start_pos: int, T: int) -> None:
+        """Raises TpNumaError unless the cache exists and positions start_pos..start_pos+T-1 fit it."""
         if self.k_cache is None:
             raise TpNumaError(f"layer {self.layer_idx}: setup_cache() was not called before forward()")
-        T = q.shape[0]
         if start_pos < 0 or start_pos + T > self.max_seq_len:
             raise TpNumaError(
                 f"positions {start_pos}..{start_pos + T - 1} exceed the context size {self.max_seq_len} "
                 "(raise the context size, e.g. -c / --ctx-size)")
+
+    def _check_call(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> int:
+        """Checks the cache exists, the positions fit it and the shapes match; returns T."""
+        T = q.shape[0]
+        self.check_positions(start_pos, T)
         if q.shape[1:] != (self.n_heads, self.head_dim) or k.shape != (T, self.n_kv_heads, self.head_dim) \
                 or v.shape != k.shape:
             raise ValueError(f"layer {self.layer_idx}: bad shapes q {tuple(q.shape)} k {tuple(k.shape)} "

@@ -21,7 +21,7 @@ from torch import nn
 from .. import fused_ops
 from ..config import ModelConfig
 from ..gguf_loader import GGUFFile
-from ..layers import fused_path
+from ..layers import fused_path, native_decode
 from ..layers.attention import Attention
 from ..layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from ..layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -167,6 +167,7 @@ class DecoderModel(nn.Module):
         for i, layer in enumerate(self.layers):
             layer.load_gguf(f, f"blk.{i}.")
         self.norm.load_gguf(f, "output_norm.weight")
+        native_decode.reset(self)          # a plan holds the previous weights
 
     def forward(self, tokens: torch.Tensor, start_pos: int, last_only: bool = False) -> torch.Tensor:
         """tokens [T] at positions start_pos.. -> normed hidden [T, d] ([1, d] if last_only)."""
@@ -175,8 +176,16 @@ class DecoderModel(nn.Module):
         if self.cfg.embed_scale != 1.0:
             x = x * self.cfg.embed_scale
         tables = [rope.cos_sin(start_pos, T) for rope in self.ropes]   # (T, rope_dim/2) each
+        plan = native_decode.plan_for(self) if T == 1 else None
+        if plan is not None and x.dtype is torch.float32 and x.is_cpu and x.is_contiguous():
+            # one native call for every layer (bitwise the loop below; see native_decode.py)
+            return self._final(plan.forward(x, start_pos, tables), last_only)
         for i, layer in enumerate(self.layers):
             x = layer(x, start_pos, tables[self._rope_index[self.rope_keys[i]]])
+        return self._final(x, last_only)
+
+    def _final(self, x: torch.Tensor, last_only: bool) -> torch.Tensor:
+        """Final norm of the last layer's output [T, d] (its last row only if last_only)."""
         if last_only:
             x = x[-1:]
         return self.norm(x)

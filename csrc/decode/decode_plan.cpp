@@ -1,0 +1,226 @@
+// DecodePlan (decode_plan.h): the decode step of a rank's decoder layers in one native call.
+// Every step below is the same C++ entry point the matching nn.Module calls (quant, fused,
+// attention, shm ops), in the same order, so results are bitwise the module path's.
+#include "decode/decode_plan.h"
+
+#include <ATen/record_function.h>
+#include <c10/util/Exception.h>
+
+#include "attention/attention_ops.h"
+#include "comm/shm_ops.h"
+#include "fused/fused_ops.h"
+#include "quant/quant_ops.h"
+
+namespace tp_numa {
+namespace {
+
+void check_vector(const at::Tensor& t, int64_t n, const char* what) {
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 1 &&
+                    t.size(0) == n,
+                "DecodePlan: ", what, " must be a contiguous float32 CPU tensor [", n, "], got ", t.scalar_type(), " ",
+                t.sizes());
+}
+
+const char* linear_name(int64_t which) {
+    static const char* names[] = {"qkv", "o_proj", "gate_up", "down"};
+    return names[which];
+}
+
+}  // namespace
+
+DecodePlan::DecodePlan(int64_t d_model, double eps, int64_t shm_handle)
+    : d_model_(d_model), eps_(eps), shm_handle_(shm_handle) {
+    TORCH_CHECK(d_model > 0, "DecodePlan: d_model must be positive, got ", d_model);
+}
+
+void DecodePlan::add_layer(std::vector<at::Tensor> norms, std::vector<at::Tensor> qk_norms, std::vector<int64_t> heads,
+                           int64_t rope_index, bool neox, double scale, at::Tensor k_cache, at::Tensor v_cache,
+                           bool gelu) {
+    TORCH_CHECK(norms.size() == 2 || norms.size() == 4, "DecodePlan: 2 (pre-norm) or 4 (sandwich) norms, got ",
+                norms.size());
+    TORCH_CHECK(heads.size() == 3 && heads[0] > 0 && heads[1] > 0 && heads[2] > 0 && heads[0] % heads[1] == 0,
+                "DecodePlan: heads must be [n_q, n_kv, head_dim] with n_q a multiple of n_kv");
+    TORCH_CHECK(qk_norms.empty() || qk_norms.size() == 2, "DecodePlan: qk_norms must be [] or [q_norm, k_norm]");
+    TORCH_CHECK(rope_index >= 0, "DecodePlan: negative rope index");
+    PlanLayer L;
+    L.sandwich = norms.size() == 4;
+    for (const auto& n : norms) check_vector(n, d_model_, "layer norm weight");
+    L.attn_norm = norms[0];
+    if (L.sandwich) {
+        L.post_attn_norm = norms[1];
+        L.ffn_norm = norms[2];
+        L.post_ffn_norm = norms[3];
+    } else {
+        L.ffn_norm = norms[1];
+    }
+    L.n_q = heads[0];
+    L.n_kv = heads[1];
+    L.head_dim = heads[2];
+    if (!qk_norms.empty()) {
+        check_vector(qk_norms[0], L.head_dim, "q_norm weight");
+        check_vector(qk_norms[1], L.head_dim, "k_norm weight");
+        L.q_norm = qk_norms[0];
+        L.k_norm = qk_norms[1];
+    }
+    for (const at::Tensor* c : {&k_cache, &v_cache}) {
+        TORCH_CHECK(c->device().is_cpu() && c->is_contiguous() && c->dim() == 3 && c->size(0) > 0 &&
+                        c->size(1) == L.n_kv && c->size(2) == L.head_dim,
+                    "DecodePlan: KV cache must be a contiguous CPU tensor [slots, ", L.n_kv, ", ", L.head_dim,
+                    "], got ", c->sizes());
+    }
+    TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == v_cache.scalar_type(),
+                "DecodePlan: K and V caches differ");
+    L.rope_index = rope_index;
+    L.neox = neox;
+    L.scale = scale;
+    L.k_cache = std::move(k_cache);
+    L.v_cache = std::move(v_cache);
+    L.gelu = gelu;
+    layers_.push_back(std::move(L));
+}
+
+void DecodePlan::set_linear(int64_t which, std::vector<at::Tensor> weights, std::vector<int64_t> qtypes,
+                            std::vector<int64_t> rows, std::vector<int64_t> layouts, std::optional<at::Tensor> bias,
+                            bool exact, bool reduce) {
+    TORCH_CHECK(!layers_.empty(), "DecodePlan: set_linear before add_layer");
+    TORCH_CHECK(which >= 0 && which < 4, "DecodePlan: linear index must be 0..3, got ", which);
+    TORCH_CHECK(!weights.empty() && weights.size() == qtypes.size() && weights.size() == rows.size() &&
+                    weights.size() == layouts.size(),
+                "DecodePlan: ", linear_name(which), ": weights, qtypes, rows and layouts must have one entry per run");
+    TORCH_CHECK(!reduce || shm_handle_ >= 0, "DecodePlan: ", linear_name(which),
+                " reduces over ranks but the plan has no shm group");
+    PlanLayer& L = layers_.back();
+    PlanLinear* lin[] = {&L.qkv, &L.o_proj, &L.gate_up, &L.down};
+    PlanLinear& P = *lin[which];
+    P = PlanLinear();
+    for (size_t i = 0; i < weights.size(); ++i) {
+        TORCH_CHECK(weights[i].device().is_cpu() && weights[i].scalar_type() == at::kByte &&
+                        weights[i].is_contiguous() && weights[i].dim() == 2 && rows[i] > 0,
+                    "DecodePlan: ", linear_name(which), " run ", i, " must be a contiguous uint8 CPU weight");
+        P.runs.push_back({weights[i], qtypes[i], rows[i], layouts[i] != 0});
+        P.out += rows[i];
+    }
+    if (bias.has_value()) {
+        check_vector(*bias, P.out, "linear bias");
+        P.bias = bias;
+    }
+    P.exact = exact;
+    P.reduce = reduce;
+    const int64_t want[] = {(L.n_q + 2 * L.n_kv) * L.head_dim, d_model_, -1, d_model_};
+    TORCH_CHECK(want[which] < 0 || P.out == want[which], "DecodePlan: ", linear_name(which), " has ", P.out,
+                " output rows, expected ", want[which]);
+    TORCH_CHECK(which != 2 || P.out % 2 == 0, "DecodePlan: gate_up needs equal gate and up halves");
+}
+
+at::Tensor DecodePlan::matmul(const PlanLinear& lin, const at::Tensor& x) const {
+    auto one = [&](const PlanLinear::Run& r) {
+        return r.x4 ? quant_matmul_x4(x, r.w, r.qtype, r.rows) : quant_matmul(x, r.w, r.qtype);
+    };
+    at::Tensor y;
+    if (lin.runs.size() == 1) {
+        y = one(lin.runs[0]);
+    } else {
+        std::vector<at::Tensor> ys;
+        ys.reserve(lin.runs.size());
+        for (const auto& r : lin.runs) ys.push_back(one(r));
+        y = at::cat(ys, 1);
+    }
+    return y;
+}
+
+at::Tensor DecodePlan::column(const PlanLinear& lin, const at::Tensor& x) const {
+    at::Tensor y = matmul(lin, x);
+    if (lin.bias.has_value()) y.add_(*lin.bias);  // y is fresh: in place
+    return y;
+}
+
+at::Tensor DecodePlan::row(const PlanLinear& lin, const at::Tensor& x) const {
+    // RowParallelLinear.forward: exact partials for a single run, all-reduce, float32, bias
+    const bool exact = lin.exact && lin.runs.size() == 1;
+    at::Tensor y;
+    if (exact) {
+        const auto& r = lin.runs[0];
+        y = r.x4 ? quant_matmul_x4_exact(x, r.w, r.qtype, r.rows, !lin.reduce)
+                 : quant_matmul_exact(x, r.w, r.qtype, !lin.reduce);
+    } else {
+        y = matmul(lin, x);
+    }
+    if (lin.reduce) {
+        RECORD_FUNCTION("native_decode::all_reduce", std::vector<c10::IValue>());
+        shm_all_reduce(y, shm_handle_);
+    }
+    if (exact && y.scalar_type() != at::kFloat) y = y.to(at::kFloat);
+    if (lin.bias.has_value()) y.add_(*lin.bias);
+    return y;
+}
+
+at::Tensor DecodePlan::attention(const PlanLayer& L, const at::Tensor& xn, int64_t pos, const at::Tensor& cos,
+                                 const at::Tensor& sin) const {
+    at::Tensor qkv;
+    {
+        RECORD_FUNCTION("native_decode::qkv_proj", std::vector<c10::IValue>());
+        qkv = column(L.qkv, xn);  // [1, (n_q + 2 n_kv) hd]
+    }
+    auto parts = qkv.view({1, -1, L.head_dim}).split_with_sizes({L.n_q, L.n_kv, L.n_kv}, 1);
+    at::Tensor q = parts[0], k = parts[1], v = parts[2];
+    if (L.q_norm.has_value()) {
+        q = rms_norm(q, *L.q_norm, eps_);
+        k = rms_norm(k, *L.k_norm, eps_);
+    }
+    rope_(q, cos, sin, L.neox);
+    rope_(k, cos, sin, L.neox);
+    const int64_t slots = L.k_cache.size(0);
+    at::Tensor out;
+    {
+        RECORD_FUNCTION("native_decode::attention", std::vector<c10::IValue>());
+        at::Tensor kc = L.k_cache, vc = L.v_cache;
+        out = attn_decode_update(q[0], k[0], v[0], kc, vc, pos % slots, std::min(pos + 1, slots), L.scale)
+                  .view({1, -1});
+    }
+    RECORD_FUNCTION("native_decode::o_proj", std::vector<c10::IValue>());
+    return row(L.o_proj, out);
+}
+
+at::Tensor DecodePlan::mlp(const PlanLayer& L, const at::Tensor& y) const {
+    at::Tensor gu;
+    {
+        RECORD_FUNCTION("native_decode::gate_up_proj", std::vector<c10::IValue>());
+        gu = column(L.gate_up, y);  // [1, 2 f] = [gate | up]
+    }
+    at::Tensor hidden = act_mul(gu, L.gelu);
+    RECORD_FUNCTION("native_decode::down_proj", std::vector<c10::IValue>());
+    return row(L.down, hidden);
+}
+
+at::Tensor DecodePlan::layer_forward(const PlanLayer& L, const at::Tensor& x, int64_t pos, const at::Tensor& cos,
+                                     const at::Tensor& sin) const {
+    at::Tensor a = attention(L, rms_norm(x, L.attn_norm, eps_), pos, cos, sin);
+    if (!L.sandwich) {
+        at::Tensor y = add_rms_norm_(a, x, L.ffn_norm, eps_, std::nullopt);  // a <- h = x + a
+        return mlp(L, y).add_(a);
+    }
+    at::Tensor h = x.clone();
+    at::Tensor y = add_rms_norm_(h, a, L.ffn_norm, eps_, L.post_attn_norm);  // h <- x + norm(a)
+    at::Tensor m = mlp(L, y);
+    return h.add_(rms_norm(m, *L.post_ffn_norm, eps_));
+}
+
+at::Tensor DecodePlan::forward(const at::Tensor& x, int64_t pos, std::vector<at::Tensor> cos,
+                               std::vector<at::Tensor> sin) {
+    RECORD_FUNCTION("tp_numa::decode_layers", std::vector<c10::IValue>());
+    TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2 &&
+                    x.size(0) == 1 && x.size(1) == d_model_,
+                "DecodePlan: x must be a contiguous float32 CPU tensor [1, ", d_model_, "], got ", x.scalar_type(), " ",
+                x.sizes());
+    TORCH_CHECK(pos >= 0, "DecodePlan: negative position ", pos);
+    TORCH_CHECK(cos.size() == sin.size(), "DecodePlan: ", cos.size(), " cos tables but ", sin.size(), " sin tables");
+    for (const auto& L : layers_) {
+        TORCH_CHECK(L.rope_index < static_cast<int64_t>(cos.size()), "DecodePlan: layer needs rope table ",
+                    L.rope_index, ", given ", cos.size());
+    }
+    at::Tensor h = x;
+    for (const auto& L : layers_) h = layer_forward(L, h, pos, cos[L.rope_index], sin[L.rope_index]);
+    return h;
+}
+
+}  // namespace tp_numa

@@ -1,0 +1,98 @@
+// A native decode step over a rank's decoder layers: one call runs every layer of one token.
+//
+// Why: a decode step of a 0.5B model is ~24 layers x ~12 small native calls. From Python
+// each call costs module dispatch, attribute lookups and a torch op dispatch; together that
+// was 3.7-6.4 ms of a 26-28 ms step at 2 threads (scripts/profile_decode.py). The plan holds
+// the same tensors the nn.Modules hold (weights, norms, KV caches; no copies) and calls the
+// same C++ entry points in the same order, so its output is bitwise the module path's.
+//
+// Per layer (x [1, d] float32, this rank's heads n_q / n_kv of head_dim hd):
+//   xn  = rms_norm(x, attn_norm)
+//   q,k,v = split(qkv(xn) (+ bias))          [n_q | n_kv | n_kv] heads of hd
+//   q,k = rms_norm per head (qk_norm models), then RoPE in place (cos/sin of table rope_index)
+//   a   = o_proj(attn_decode_update(q, k, v, caches, slot = pos % slots, keys = min(pos+1, slots)))
+//   pre-norm (llama):  h = x + a;  out = h + down(act(gate) * up)      gate|up = gate_up(rms_norm(h, ffn_norm))
+//   sandwich (gemma3): h = x + rms_norm(a, post_attn_norm);
+//                      out = h + rms_norm(down(act(gate) * up), post_ffn_norm),  gate|up = gate_up(rms_norm(h, ffn_norm))
+// Row-parallel layers (o_proj, down) follow RowParallelLinear: float64 exact partials
+// (single weight run), shm all-reduce over the host's ranks when `reduce`, round to float32,
+// then the bias.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/custom_class.h>
+
+#include <optional>
+#include <vector>
+
+namespace tp_numa {
+
+// One linear layer of this rank: weight runs stacked along the output dim.
+struct PlanLinear {
+    struct Run {
+        at::Tensor w;        // uint8: raw GGUF rows [rows, row_bytes] or x4-packed groups
+        int64_t qtype = 0;   // GGML type id
+        int64_t rows = 0;    // output rows of this run
+        bool x4 = false;     // packed layout (quant_matmul_x4)
+    };
+    std::vector<Run> runs;
+    std::optional<at::Tensor> bias;  // float32 [sum of rows]
+    bool exact = true;               // row-parallel: float64 block-order partials
+    bool reduce = false;             // row-parallel: all-reduce over the shm group
+    int64_t out = 0;                 // sum of rows
+};
+
+struct PlanLayer {
+    bool sandwich = false;            // gemma3's four norms
+    at::Tensor attn_norm, ffn_norm;   // [d]
+    std::optional<at::Tensor> post_attn_norm, post_ffn_norm;   // [d], sandwich only
+    std::optional<at::Tensor> q_norm, k_norm;                  // [hd], qk-norm models
+    int64_t n_q = 0, n_kv = 0, head_dim = 0, rope_index = 0;
+    bool neox = true;
+    double scale = 1.0;
+    at::Tensor k_cache, v_cache;      // [slots, n_kv, hd] f16/bf16/f32
+    bool gelu = false;                // act = gelu-tanh, else silu
+    PlanLinear qkv, o_proj, gate_up, down;
+};
+
+class DecodePlan : public torch::CustomClassHolder {
+   public:
+    // d_model, the RMSNorm eps shared by every norm, the shm group handle of the
+    // all-reduce (-1: nothing is reduced, one rank).
+    DecodePlan(int64_t d_model, double eps, int64_t shm_handle);
+
+    // Appends a layer. norms = [attn_norm, ffn_norm] (pre-norm) or [attn_norm,
+    // post_attn_norm, ffn_norm, post_ffn_norm] (sandwich); qk_norms = [] or [q_norm, k_norm];
+    // heads = [n_q, n_kv, head_dim].
+    void add_layer(std::vector<at::Tensor> norms, std::vector<at::Tensor> qk_norms, std::vector<int64_t> heads,
+                   int64_t rope_index, bool neox, double scale, at::Tensor k_cache, at::Tensor v_cache, bool gelu);
+
+    // Sets a linear of the last added layer: which = 0 qkv, 1 o_proj, 2 gate_up, 3 down.
+    // layouts[i] = 1 for an x4-packed run. exact/reduce only matter for o_proj and down.
+    void set_linear(int64_t which, std::vector<at::Tensor> weights, std::vector<int64_t> qtypes,
+                    std::vector<int64_t> rows, std::vector<int64_t> layouts, std::optional<at::Tensor> bias,
+                    bool exact, bool reduce);
+
+    // x [1, d] float32 at position pos -> [1, d] after every layer (x is not modified).
+    // cos/sin[j]: [1, rope_dim/2] float32 tables of rope j for this position.
+    at::Tensor forward(const at::Tensor& x, int64_t pos, std::vector<at::Tensor> cos, std::vector<at::Tensor> sin);
+
+    int64_t n_layers() const { return static_cast<int64_t>(layers_.size()); }
+
+   private:
+    at::Tensor layer_forward(const PlanLayer& L, const at::Tensor& x, int64_t pos, const at::Tensor& cos,
+                             const at::Tensor& sin) const;
+    at::Tensor attention(const PlanLayer& L, const at::Tensor& xn, int64_t pos, const at::Tensor& cos,
+                         const at::Tensor& sin) const;
+    at::Tensor mlp(const PlanLayer& L, const at::Tensor& y) const;
+    at::Tensor matmul(const PlanLinear& lin, const at::Tensor& x) const;   // runs, concatenated
+    at::Tensor column(const PlanLinear& lin, const at::Tensor& x) const;
+    at::Tensor row(const PlanLinear& lin, const at::Tensor& x) const;
+
+    int64_t d_model_;
+    double eps_;
+    int64_t shm_handle_;
+    std::vector<PlanLayer> layers_;
+};
+
+}  // namespace tp_numa
