@@ -15,6 +15,7 @@ namespace tp_numa::quant::simd {
 
 using tp_numa::simd::hmax_ps;
 using tp_numa::simd::hsum_ps;
+using tp_numa::simd::hsum_ps128;
 
 inline int hsum_i32_128(__m128i s) {
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
