@@ -130,3 +130,19 @@ def test_shipped_models_native_step_is_bitwise(request, which):
     native = _decode(model, tokens, 4, native=True)
     assert native_decode.plan_for(model.model) is not None
     assert torch.equal(native, modules), (native - modules).abs().max()
+
+
+def test_plan_follows_an_attention_core_replaced_after_decoding(tmp_path):
+    """offload_attention (device "cpu" standing in for a GPU) after the plan was built: the
+    next decode must not run the stale plan (the new cores make the model ineligible)."""
+    from tp_numa import offload
+    from tp_numa.layers.attention import Attention
+
+    model, _ = load_model(write_model(tmp_path / "l.gguf", SPECS["llama"]()))
+    before = _decode(model, TOKENS, 4, native=True)
+    assert native_decode.plan_for(model.model) is not None
+    offload.offload_attention(model, {n: "cpu" for n, m in model.named_modules() if isinstance(m, Attention)})
+    after = _decode(model, TOKENS, 4, native=True)
+    assert native_decode.plan_for(model.model) is None
+    assert "not the native CPU attention" in native_decode.why_not(model.model)
+    assert torch.allclose(after, before, rtol=1e-3, atol=1e-3)

@@ -511,7 +511,11 @@ def apply_placement(model, placement: Placement | Plan, state=None, *, n_gpus: i
         entries, rank = _model_entries(model, placement, state.local_rank, gpus), 0
         check_gpu_modules(placement.source, entries, 1)
     layers, cores = gpu_targets(entries, rank)
-    return offload_layers(model, layers) + offload_attention(model, cores)
+    replaced = offload_layers(model, layers) + offload_attention(model, cores)
+    from .layers import native_decode
+
+    native_decode.reset(model.model)     # a native decode plan holds the replaced modules' tensors
+    return replaced
 
 
 def gpu_targets(entries: list[PlanEntry], rank: int) -> tuple[dict[int, str], dict[str, str]]:

@@ -99,6 +99,13 @@ def quant_matmul_exact(x: torch.Tensor, w: torch.Tensor, qtype: int, to_float32:
     return torch.ops.tp_numa.quant_matmul_exact(x, w, int(qtype), bool(to_float32))
 
 
+def dequantize(w: torch.Tensor, qtype: int) -> torch.Tensor:
+    """Raw GGUF rows uint8 ``[N, row_bytes]`` -> float32 ``[N, K]``, bitwise what
+    ``gguf.quants.dequantize`` gives, in native code (no numpy round trip): for the few
+    rows a token embedding lookup needs, and for the GPU offload path's one-time expansion."""
+    return torch.ops.tp_numa.dequantize(w, int(qtype))
+
+
 # GGML types with an x4 layout (csrc/quant/packed_x4.h): Q4_0, Q5_0, Q8_0.
 X4_QTYPES: tuple[int, ...] = (2, 6, 8)
 
@@ -163,6 +170,11 @@ def _register_fakes() -> None:
         torch._check(x.dim() == 2 and w.dim() == 2, lambda: "quant_matmul_exact: x and w must be 2-D")
         return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32 if to_float32 else torch.float64)
 
+    @torch.library.register_fake("tp_numa::dequantize")
+    def _dequantize_fake(w, qtype):
+        torch._check(int(qtype) in _BLOCKS, lambda: f"dequantize: unsupported type id {qtype}")
+        _, elems, nbytes = _BLOCKS[int(qtype)]
+        return w.new_empty((w.shape[0], w.shape[1] // nbytes * elems), dtype=torch.float32)
 
     @torch.library.register_fake("tp_numa::pack_x4")
     def _pack_x4_fake(w, qtype):

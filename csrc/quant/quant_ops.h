@@ -16,6 +16,10 @@ at::Tensor quant_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qtype)
 // to_float32: return the float64 sums rounded to float32 (a layer with nothing to all-reduce).
 at::Tensor quant_matmul_exact(const at::Tensor& x, const at::Tensor& w, int64_t qtype, bool to_float32);
 
+// Raw GGUF rows uint8 [N, row_bytes] of type qtype -> float32 [N, K], bitwise what
+// gguf.quants.dequantize gives (same float32 operations per block).
+at::Tensor dequantize(const at::Tensor& w, int64_t qtype);
+
 // The x4 layout (quant/packed_x4.h): four rows interleaved per block, for Q4_0/Q5_0/Q8_0.
 // pack_x4: raw rows uint8 [N, row_bytes] -> packed uint8 [ceil(N/4), nb * 4 * block_bytes];
 // unpack_x4 the inverse (n = N). quant_matmul_x4[_exact]: quant_matmul[_exact] on a packed

@@ -55,20 +55,19 @@ def dequantized_fp16(layer: LinearBase, device: torch.device) -> torch.Tensor:
     """This rank's weight slice of ``layer`` as fp16 ``[output_size, input_size]`` on ``device``.
 
     ``LinearBase`` keeps its slice as runs of raw GGUF rows (uint8 ``[n, row_bytes]``, one
-    GGML type per run, in output order); each run is dequantized by ``gguf.quants`` and
-    rounded to fp16 (round to nearest even).
+    GGML type per run, in output order); each run is dequantized (``ops.dequantize``, bitwise
+    ``gguf.quants.dequantize``) and rounded to fp16 (round to nearest even).
     """
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize
+    from .embedding import dequantize_rows
 
     out = torch.empty((layer.output_size, layer.input_size), dtype=torch.float16, device=device)
     row = 0
     for name in layer._runs:
         rows = method_of(layer, name).raw_rows(layer, name)       # x4-packed weights are unpacked
-        qtype = GGMLQuantizationType(getattr(layer, name + "_qtype"))
+        qtype = getattr(layer, name + "_qtype")
         for r0 in range(0, rows.shape[0], _DEQUANT_ROWS):
             chunk = rows[r0:r0 + _DEQUANT_ROWS]
-            dense = torch.from_numpy(dequantize(chunk.numpy(), qtype))      # (n, K) float32
+            dense = dequantize_rows(chunk, qtype, layer.input_size)        # (n, K) float32
             if dense.shape[1] != layer.input_size:
                 raise TpNumaError(f"dequantized rows have {dense.shape[1]} columns, layer expects {layer.input_size}")
             out[row:row + dense.shape[0]] = dense.to(device=device, dtype=torch.float16)

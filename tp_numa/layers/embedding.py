@@ -26,11 +26,25 @@ from .quant import linear_method_for, method_of, shared_x4_weight, x4_pays
 
 
 def dequantize_rows(rows: torch.Tensor, qtype: int, n_cols: int) -> torch.Tensor:
-    """uint8 raw rows [n, row_bytes] -> float32 [n, n_cols] (only these rows)."""
+    """uint8 raw rows [n, row_bytes] -> float32 [n, n_cols] (only these rows): the native op
+    (``ops.dequantize``, bitwise gguf-py's), or gguf-py when the extension is not built."""
     if rows.shape[0] == 0:
         return torch.empty((0, n_cols), dtype=torch.float32)
+    if _native_dequantize():
+        return ops.dequantize(rows.contiguous(), qtype)
     vals = dequantize(rows.numpy(), GGMLQuantizationType(qtype))
     return torch.from_numpy(np.ascontiguousarray(vals, dtype=np.float32).reshape(rows.shape[0], n_cols))
+
+
+def _native_dequantize() -> bool:
+    if _NATIVE["dequantize"] is None:
+        from .._ext import ops_registered
+
+        _NATIVE["dequantize"] = ops_registered("dequantize")
+    return _NATIVE["dequantize"]
+
+
+_NATIVE: dict[str, bool | None] = {"dequantize": None}
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -76,20 +90,29 @@ class VocabParallelEmbedding(nn.Module):
         """Raw GGUF rows [n, row_bytes] of local row ids [n]."""
         if self.packed_rows is None:
             return self.weight[local]
+        if local.numel() == 1:      # a decode step: unpack the one group of 4 rows
+            i = int(local[0])
+            return ops.unpack_x4(self.weight[i // 4:i // 4 + 1], self.qtype, 4)[i % 4:i % 4 + 1]
         groups, inverse = torch.unique(local // 4, return_inverse=True)
         raw = ops.unpack_x4(self.weight[groups].contiguous(), self.qtype, 4 * groups.numel())
         return raw[inverse * 4 + local % 4]
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         v0, v1 = self.vocab_range
-        if (tokens < 0).any() or (tokens >= self.vocab_size).any():
+        lo, hi = (int(tokens[0]), int(tokens[0])) if tokens.numel() == 1 else \
+            (int(tokens.min()), int(tokens.max())) if tokens.numel() else (v0, v0)
+        if lo < 0 or hi >= self.vocab_size:
             bad = tokens[(tokens < 0) | (tokens >= self.vocab_size)][0].item()
             raise ValueError(f"token id {bad} outside the vocabulary [0, {self.vocab_size})")
-        mine = (tokens >= v0) & (tokens < v1)
-        out = torch.zeros((tokens.shape[0], self.embedding_dim), dtype=torch.float32)
-        if bool(mine.any()):
-            local = tokens[mine] - v0
-            out[mine] = dequantize_rows(self._raw_rows(local), self.qtype, self.embedding_dim)
+        if tokens.numel() and v0 <= lo and hi < v1:
+            # every token in this rank's rows (always so at tp=1)
+            out = dequantize_rows(self._raw_rows(tokens - v0), self.qtype, self.embedding_dim)
+        else:
+            mine = (tokens >= v0) & (tokens < v1)
+            out = torch.zeros((tokens.shape[0], self.embedding_dim), dtype=torch.float32)
+            if bool(mine.any()):
+                local = tokens[mine] - v0
+                out[mine] = dequantize_rows(self._raw_rows(local), self.qtype, self.embedding_dim)
         if self.tp_size > 1:
             from ..distributed import communicator
 

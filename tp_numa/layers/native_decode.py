@@ -63,17 +63,20 @@ class NativeDecode:
     def __init__(self, plan, layers: list, caches: list[torch.Tensor]):
         self.plan = plan
         self._layers = layers
+        self._attns = [layer.self_attn.attn for layer in layers]
         self._caches = caches
-        self._first_attn = layers[0].self_attn.attn
+        self._first_attn = self._attns[0]
 
     def current(self, model) -> bool:
-        """False once a layer was replaced (e.g. moved to a GPU) or its cache reallocated
-        (``setup_cache`` again): the plan must be rebuilt."""
+        """False once a layer or its attention core was replaced (e.g. moved to a GPU) or a
+        cache reallocated (``setup_cache`` again): the plan must be rebuilt. Replaced
+        weights are not seen here (``load_gguf`` and ``offload.apply_placement`` call
+        ``reset``). Runs every decode step: dict reads, no nn.Module attribute lookups."""
         mods = model.layers._modules.values()
         if len(mods) != len(self._layers):
             return False
-        for m, layer, kc in zip(mods, self._layers, self._caches):
-            if m is not layer or layer.self_attn.attn.k_cache is not kc:
+        for m, layer, a, kc in zip(mods, self._layers, self._attns, self._caches):
+            if m is not layer or layer._modules["self_attn"]._modules["attn"] is not a or a.k_cache is not kc:
                 return False
         return True
 
