@@ -20,6 +20,7 @@ from torch import nn
 from .. import fused_ops
 from . import fused_path
 
+_DECODE_ROWS = 256   # positions per cos/sin table of decode steps
 
 class RotaryEmbedding(nn.Module):
     def __init__(self, rope_dim: int, base: float, style: str, scale: float = 1.0,
@@ -35,9 +36,24 @@ class RotaryEmbedding(nn.Module):
         if freq_factors is not None:
             inv = inv / freq_factors.to(torch.float64)
         self.register_buffer("inv_freq", inv / scale, persistent=False)
+        self._rows_start = 0
+        self._rows: tuple[torch.Tensor, torch.Tensor] = (torch.empty(0, rope_dim // 2), torch.empty(0, rope_dim // 2))
 
     def cos_sin(self, start_pos: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, rope_dim/2] for positions start_pos .. start_pos+T-1."""
+        """cos, sin [T, rope_dim/2] for positions start_pos .. start_pos+T-1.
+
+        A decode step (T = 1) reads its row from a table of the next ``_DECODE_ROWS``
+        positions, computed when the step leaves the table (decode walks positions in
+        order): the same values, one small computation per 256 steps instead of six ops each."""
+        if T == 1:
+            off = start_pos - self._rows_start
+            if not 0 <= off < self._rows[0].shape[0]:
+                self._rows_start, off = start_pos, 0
+                self._rows = self._compute(start_pos, _DECODE_ROWS)
+            return self._rows[0][off:off + 1], self._rows[1][off:off + 1]
+        return self._compute(start_pos, T)
+
+    def _compute(self, start_pos: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
         pos = torch.arange(start_pos, start_pos + T, dtype=torch.float64)
         ang = pos[:, None] * self.inv_freq[None, :]
         return ang.cos().float(), ang.sin().float()
