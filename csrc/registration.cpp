@@ -14,6 +14,7 @@ TORCH_LIBRARY(tp_numa, m) {
     m.def("quant_matmul(Tensor x, Tensor w, int qtype) -> Tensor");
     m.def("quant_matmul_exact(Tensor x, Tensor w, int qtype, bool to_float32=False) -> Tensor");
     m.def("dequantize(Tensor w, int qtype) -> Tensor");
+    m.def("quantize_q8_0(Tensor x) -> Tensor");
     m.def("pack_x4(Tensor w, int qtype) -> Tensor");
     m.def("unpack_x4(Tensor wp, int qtype, int n) -> Tensor");
     m.def("quant_matmul_x4(Tensor x, Tensor wp, int qtype, int n) -> Tensor");
@@ -62,6 +63,7 @@ TORCH_LIBRARY_IMPL(tp_numa, CPU, m) {
     m.impl("quant_matmul", &tp_numa::quant_matmul);
     m.impl("quant_matmul_exact", &tp_numa::quant_matmul_exact);
     m.impl("dequantize", &tp_numa::dequantize);
+    m.impl("quantize_q8_0", &tp_numa::quantize_q8_0);
     m.impl("pack_x4", &tp_numa::pack_x4);
     m.impl("unpack_x4", &tp_numa::unpack_x4);
     m.impl("quant_matmul_x4", &tp_numa::quant_matmul_x4);

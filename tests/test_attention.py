@@ -92,6 +92,33 @@ def test_half_cache_rounds_keys_once(native, dtype):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("native", [False, pytest.param(True, marks=needs_native)], ids=["torch", "native"])
+def test_q8_0_cache_rounds_keys_once(native):
+    """q8_0 cache: the result equals float attention over the Q8_0-rounded k/v (ggml's
+    quantize_row_q8_0, then dequantized), whatever the chunking, ring wrap included."""
+    from tp_numa import ops
+
+    H, n_kv, D, N = 4, 2, 64, 13
+    q, k, v = make_qkv(N, H, n_kv, D, seed=4)
+
+    def rounded(x):
+        return ops.dequantize(ops.quantize_q8_0(x).reshape(N * n_kv, -1), 8).view(N, n_kv, D)
+
+    want = naive_attention(q, rounded(k), rounded(v), 0.125, 6)
+    for chunks in ([N], [1] * N, [4, 1, 8]):
+        attn = Attention(H, n_kv, D, 0.125, 6, layer_idx=1, use_native=native)
+        attn.setup_cache(16, "q8_0")
+        assert attn.k_cache.dtype == torch.uint8 and attn.k_cache.shape == (6, n_kv, D // 32 * 34)
+        got = run_chunks(attn, q, k, v, chunks)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2e-5)
+
+
+def test_q8_0_cache_needs_whole_blocks():
+    attn = Attention(4, 2, 40, 1.0, None, layer_idx=3)
+    with pytest.raises(TpNumaError, match="layer 3: a q8_0 KV cache needs head_dim divisible by 32, got 40"):
+        attn.setup_cache(8, "q8_0")
+
+
 def test_ring_buffer_holds_only_window():
     attn = Attention(4, 2, 8, 1.0, 4, layer_idx=0, use_native=False)
     attn.setup_cache(100, "f16")

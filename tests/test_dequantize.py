@@ -1,13 +1,14 @@
 """tp_numa.ops.dequantize (csrc/quant/dequantize.cpp) against gguf.quants.dequantize: bitwise
 equal for every supported type, on rows of random bytes (every code and bit pattern) with
-finite fp16 scales; clear errors for bad input; opcheck."""
+finite fp16 scales; ops.quantize_q8_0 (the q8_0 KV cache format) bitwise
+gguf.quants.quantize; clear errors for bad input; opcheck."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
-from gguf.quants import dequantize
+from gguf.quants import dequantize, quantize
 
 from tp_numa import ops
 
@@ -72,3 +73,16 @@ def test_opcheck():
     raw = torch.from_numpy(random_rows(T.Q4_K, 3, 256, np.random.default_rng(1)))
     torch.library.opcheck(torch.ops.tp_numa.dequantize.default, (raw, int(T.Q4_K)),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_quantize_q8_0_is_gguf_bitwise():
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((5, 3, 96)) * rng.uniform(0.01, 50, size=(5, 3, 1))).astype(np.float32)
+    x[0, 0, :32] = 0.0                      # an all-zero block: scale 0, codes 0
+    x[1, 1, 5] = 127.5 / 127 * 3            # ties at .5 round away from zero, as ggml's roundf
+    ours = ops.quantize_q8_0(torch.from_numpy(x))
+    assert tuple(ours.shape) == (5, 3, 102) and ours.dtype == torch.uint8
+    ref = quantize(x.reshape(-1, 96), T.Q8_0).reshape(5, 3, 102)
+    assert np.array_equal(ours.numpy(), ref)
+    with pytest.raises(RuntimeError, match="not a multiple of the Q8_0 block size 32"):
+        ops.quantize_q8_0(torch.zeros(2, 40))

@@ -41,7 +41,7 @@ def _decode(model, tokens: list[int], prefill: int, native: bool, cache: str = "
 
 
 @pytest.mark.parametrize("arch", list(SPECS))
-@pytest.mark.parametrize("cache", ["f16", "f32"])
+@pytest.mark.parametrize("cache", ["f16", "f32", "q8_0"])
 def test_native_step_is_bitwise_the_module_path(tmp_path, arch, cache):
     model, _ = load_model(write_model(tmp_path / f"{arch}.gguf", SPECS[arch]()))
     modules = _decode(model, TOKENS, 3, native=False, cache=cache)

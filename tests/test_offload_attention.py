@@ -99,6 +99,8 @@ def test_errors():
         dev(q, k, k, 2)
     with pytest.raises(ValueError, match="bad shapes"):
         dev(q, torch.randn(2, 2, 8), torch.randn(2, 2, 8), 0)
+    with pytest.raises(TpNumaError, match="q8_0 KV cache is CPU only; attention placed on cpu needs f16"):
+        DeviceAttention(4, 1, 32, 1.0, None, 0, "cpu").setup_cache(8, "q8_0")
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="this machine has CUDA")

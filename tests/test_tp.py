@@ -119,6 +119,19 @@ def test_native_decode_step_is_the_module_path_under_tp(tp_results, arch):
 
 
 @pytest.mark.mpi
+def test_q8_0_kv_cache_tp_matches_single_rank(tmp_path):
+    """A q8_0 KV cache (uint8 Q8_0 blocks, quantized per KV head row) under tp = 2: each
+    rank quantizes its own heads' rows exactly as tp = 1 does, so logits stay bitwise."""
+    pairs = {n: [(write_model(tmp_path / "q.gguf", SPECS["qwen2"]), tmp_path / f"q{n}.npz"),
+                 (write_model(tmp_path / "g.gguf", SPECS["gemma3"]), tmp_path / f"g{n}.npz")] for n in (1, 2)}
+    one, two = _run(pairs[1], 1, cache="q8_0"), _run(pairs[2], 2, cache="q8_0")
+    for a, b in zip(one, two):
+        for key in ("logits", "step_logits", "greedy"):
+            assert np.array_equal(a[key], b[key]), key
+        assert b["native_decode"].all()
+
+
+@pytest.mark.mpi
 def test_unsplittable_tensor_fails_on_every_rank(tmp_path):
     # gemma3-like: 4 query heads cannot be split over 5 ranks
     model = write_model(tmp_path / "g.gguf", gemma3_spec(n_layers=1))

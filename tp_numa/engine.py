@@ -111,7 +111,8 @@ class LLM:
         - ``max_context``: KV-cache positions (default ``min(trained context, 4096)``);
         - ``offload``: placement config file or preset name (see docs/offload.md), e.g.
           ``"attention-on-gpu"``; the resolved plan is printed before the weights load;
-        - ``cache_type``: KV cache element type, ``"f16"`` (default), ``"bf16"`` or ``"f32"``;
+        - ``cache_type``: KV cache element type, ``"f16"`` (default), ``"bf16"``, ``"f32"`` or
+          ``"q8_0"`` (GGUF Q8_0 blocks, 8.5 bits per value, CPU attention only);
         - ``prefill_chunk``: prompt tokens per forward;
         - ``quiet``: nothing on stderr; ``verbose``: details of the load on stderr.
 

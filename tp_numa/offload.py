@@ -62,7 +62,7 @@ _GPU_MATRIX_BYTES = 2
 _GPU_VECTOR_BYTES = 4
 
 # KV cache element sizes by the engine's --cache-type names
-_KV_BYTES = {"f16": 2, "bf16": 2, "f32": 4}
+_KV_BYTES = {"f16": 2, "bf16": 2, "f32": 4, "q8_0": 34 / 32}   # q8_0: CPU caches only
 
 # context the KV cache is sized for when none is given: the engine's default
 DEFAULT_CONTEXT = 4096
@@ -276,7 +276,7 @@ def kv_cache_bytes(config, layer: int, kv_heads: int, max_seq_len: int, kv_type:
     ring of ``min(window, max_seq_len)`` slots; the GPU cache keeps every position."""
     window = config.window_for(layer)
     slots = max_seq_len if (on_gpu or window is None) else min(window, max_seq_len)
-    return 2 * slots * kv_heads * config.head_dim * _KV_BYTES[kv_type]
+    return int(2 * slots * kv_heads * config.head_dim * _KV_BYTES[kv_type])
 
 
 # ---------------------------------------------------------------- the plan

@@ -106,6 +106,13 @@ def dequantize(w: torch.Tensor, qtype: int) -> torch.Tensor:
     return torch.ops.tp_numa.dequantize(w, int(qtype))
 
 
+def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
+    """float32 ``[..., K]`` (K a multiple of 32) -> uint8 ``[..., K / 32 * 34]`` GGUF Q8_0
+    blocks, as ggml's ``quantize_row_q8_0`` makes them (bitwise ``gguf.quants.quantize``):
+    the storage of a ``q8_0`` KV cache."""
+    return torch.ops.tp_numa.quantize_q8_0(x)
+
+
 # GGML types with an x4 layout (csrc/quant/packed_x4.h): Q4_0, Q5_0, Q8_0.
 X4_QTYPES: tuple[int, ...] = (2, 6, 8)
 
@@ -175,6 +182,10 @@ def _register_fakes() -> None:
         torch._check(int(qtype) in _BLOCKS, lambda: f"dequantize: unsupported type id {qtype}")
         _, elems, nbytes = _BLOCKS[int(qtype)]
         return w.new_empty((w.shape[0], w.shape[1] // nbytes * elems), dtype=torch.float32)
+
+    @torch.library.register_fake("tp_numa::quantize_q8_0")
+    def _quantize_q8_0_fake(x):
+        return x.new_empty(tuple(x.shape[:-1]) + (x.shape[-1] // 32 * 34,), dtype=torch.uint8)
 
     @torch.library.register_fake("tp_numa::pack_x4")
     def _pack_x4_fake(w, qtype):

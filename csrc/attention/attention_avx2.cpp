@@ -16,6 +16,7 @@
 
 #include "attention/attention_kernels.h"
 #include "attention/avx2_math.h"
+#include "quant/blocks.h"
 #include "simd/avx2_reduce.h"
 
 namespace tp_numa::attn {
@@ -29,6 +30,11 @@ inline __m256 load8(const void* base, int64_t i) {
     } else if constexpr (T == KvType::BF16) {
         const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + i));
         return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    } else if constexpr (T == KvType::Q8_0) {
+        // i % 8 == 0 and D % 32 == 0: the 8 elements sit in one block
+        const auto* b = static_cast<const quant::BlockQ8_0*>(base) + (i >> 5);
+        const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b->qs + (i & 31)));
+        return _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(b->d)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
     } else {
         return _mm256_loadu_ps(static_cast<const float*>(base) + i);
     }
@@ -53,10 +59,11 @@ constexpr int64_t kPrefetchKeys = 48;
 
 template <KvType T>
 inline void prefetch_kv_row(const Geometry& g, int64_t elem) {
-    constexpr int64_t bytes = T == KvType::F32 ? 4 : 2;
-    const auto* kp = static_cast<const char*>(g.k) + elem * bytes;
-    const auto* vp = static_cast<const char*>(g.v) + elem * bytes;
-    for (int64_t b = 0; b < g.head_dim * bytes; b += 64) {
+    // bytes of `n` elements (Q8_0: 34 bytes per 32; elem and D are multiples of 32 there)
+    auto bytes = [](int64_t n) { return T == KvType::F32 ? 4 * n : (T == KvType::Q8_0 ? n / 32 * 34 : 2 * n); };
+    const auto* kp = static_cast<const char*>(g.k) + bytes(elem);
+    const auto* vp = static_cast<const char*>(g.v) + bytes(elem);
+    for (int64_t b = 0; b < bytes(g.head_dim); b += 64) {
         _mm_prefetch(kp + b, _MM_HINT_T0);
         _mm_prefetch(vp + b, _MM_HINT_T1);
     }
@@ -323,6 +330,7 @@ void decode_chunk_dispatch(const Geometry& g, const float* q, int kv_head, int64
     switch (g.kv_type) {
         case KvType::F16: return decode_chunk_avx2<KvType::F16>(g, q, kv_head, j0, j1, scores, out);
         case KvType::BF16: return decode_chunk_avx2<KvType::BF16>(g, q, kv_head, j0, j1, scores, out);
+        case KvType::Q8_0: return decode_chunk_avx2<KvType::Q8_0>(g, q, kv_head, j0, j1, scores, out);
         default: return decode_chunk_avx2<KvType::F32>(g, q, kv_head, j0, j1, scores, out);
     }
 }
@@ -335,6 +343,8 @@ void prefill_block_dispatch(const Geometry& g, const float* q, int64_t n_keys, i
             return prefill_block_avx2<KvType::F16>(g, q, n_keys, q_offset, window, kv_head, i0, i1, scratch, out);
         case KvType::BF16:
             return prefill_block_avx2<KvType::BF16>(g, q, n_keys, q_offset, window, kv_head, i0, i1, scratch, out);
+        case KvType::Q8_0:
+            return prefill_block_avx2<KvType::Q8_0>(g, q, n_keys, q_offset, window, kv_head, i0, i1, scratch, out);
         default:
             return prefill_block_avx2<KvType::F32>(g, q, n_keys, q_offset, window, kv_head, i0, i1, scratch, out);
     }

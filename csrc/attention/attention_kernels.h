@@ -14,7 +14,10 @@
 
 namespace tp_numa::attn {
 
-enum class KvType : int { F32 = 0, F16 = 1, BF16 = 2 };
+// Q8_0: each [n_kv, D] row of the cache is D / 32 GGUF Q8_0 blocks (f16 scale d + 32 int8,
+// x = d * q), so element e of the flattened cache is element e % 32 of block e / 32
+// (D % 32 == 0). Kernels address every type by element index.
+enum class KvType : int { F32 = 0, F16 = 1, BF16 = 2, Q8_0 = 3 };
 
 // Shared geometry of one call.
 struct Geometry {

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <memory>
+#include <vector>
 
 #include "attention/attention_kernels.h"
 #include "quant/quant_ops.h"
@@ -37,7 +38,29 @@ KvType kv_type_of(const at::Tensor& t, const char* name) {
         case at::kHalf: return KvType::F16;
         case at::kBFloat16: return KvType::BF16;
         case at::kFloat: return KvType::F32;
-        default: TORCH_CHECK(false, "attention: ", name, " must be float16, bfloat16 or float32, got ", t.scalar_type());
+        case at::kByte: return KvType::Q8_0;
+        default:
+            TORCH_CHECK(false, "attention: ", name, " must be float16, bfloat16, float32 or uint8 (Q8_0 blocks), got ",
+                        t.scalar_type());
+    }
+}
+
+// Elements per KV row of a cache tensor [L, n_kv, last]: last, or for a Q8_0 cache (uint8,
+// 34-byte blocks of 32) last / 34 * 32.
+int64_t kv_head_dim(const at::Tensor& t) {
+    if (t.scalar_type() != at::kByte) return t.size(-1);
+    TORCH_CHECK(t.size(-1) % 34 == 0, "attention: a Q8_0 cache row must be whole 34-byte blocks, got ", t.size(-1),
+                " bytes");
+    return t.size(-1) / 34 * 32;
+}
+
+// cache[slot] = x ([n_kv, D] float32), rounded to the cache type: dtype conversion, or for a
+// Q8_0 cache ggml's quantize_row_q8_0 (quantize_q8_0 in csrc/quant/dequantize.cpp).
+void store_row(at::Tensor& cache, int64_t slot, const at::Tensor& x) {
+    if (cache.scalar_type() == at::kByte) {
+        cache.select(0, slot).copy_(quantize_q8_0(x.contiguous().to(at::kFloat)));
+    } else {
+        cache.select(0, slot).copy_(x);
     }
 }
 
@@ -49,7 +72,8 @@ Geometry check_kv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                 k.sizes(), " and ", v.sizes());
     TORCH_CHECK(k.scalar_type() == v.scalar_type(), "attention: k and v dtypes differ");
     TORCH_CHECK(k.is_contiguous() && v.is_contiguous(), "attention: k and v must be contiguous");
-    TORCH_CHECK(k.size(2) == head_dim, "attention: head_dim of q (", head_dim, ") and k (", k.size(2), ") differ");
+    TORCH_CHECK(kv_head_dim(k) == head_dim, "attention: head_dim of q (", head_dim, ") and k (", kv_head_dim(k),
+                ") differ");
     const int64_t n_kv = k.size(1);
     TORCH_CHECK(n_kv > 0 && n_heads % n_kv == 0, "attention: ", n_heads, " query heads not a multiple of ", n_kv,
                 " KV heads");
@@ -109,12 +133,14 @@ at::Tensor attn_decode_update(const at::Tensor& q, const at::Tensor& k_new, cons
                               at::Tensor& v_cache, int64_t slot, int64_t n_keys, double scale) {
     TORCH_CHECK(k_cache.dim() == 3 && slot >= 0 && slot < k_cache.size(0), "attn_decode_update: slot ", slot,
                 " outside the cache of ", k_cache.size(0), " slots");
-    TORCH_CHECK(k_new.sizes() == k_cache.sizes().slice(1) && v_new.sizes() == k_new.sizes(),
-                "attn_decode_update: k_new/v_new must be [n_kv, D] = ", k_cache.sizes().slice(1), ", got ",
-                k_new.sizes(), " and ", v_new.sizes());
-    // rounds to the cache dtype exactly as a Python-side `cache[slot] = k` would
-    k_cache.select(0, slot).copy_(k_new);
-    v_cache.select(0, slot).copy_(v_new);
+    const std::vector<int64_t> row{k_cache.size(1), kv_head_dim(k_cache)};
+    TORCH_CHECK(k_new.sizes() == c10::IntArrayRef(row) && v_new.sizes() == k_new.sizes(),
+                "attn_decode_update: k_new/v_new must be [n_kv, D] = ", row, ", got ", k_new.sizes(), " and ",
+                v_new.sizes());
+    TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "attn_decode_update: k and v caches differ in dtype");
+    // rounds to the cache type exactly as the Python side's cache writes do
+    store_row(k_cache, slot, k_new);
+    store_row(v_cache, slot, v_new);
     return attn_decode(q, k_cache, v_cache, n_keys, scale);
 }
 

@@ -16,6 +16,10 @@ inline float kv_at(const void* base, KvType t, int64_t row, int D, int e) {
     switch (t) {
         case KvType::F16: return quant::f16_to_f32(static_cast<const uint16_t*>(base)[i]);
         case KvType::BF16: return quant::bf16_to_f32(static_cast<const uint16_t*>(base)[i]);
+        case KvType::Q8_0: {
+            const auto& b = static_cast<const quant::BlockQ8_0*>(base)[i / 32];
+            return quant::f16_to_f32(b.d) * float(b.qs[i % 32]);
+        }
         default: return static_cast<const float*>(base)[i];
     }
 }

@@ -62,11 +62,13 @@ void DecodePlan::add_layer(std::vector<at::Tensor> norms, std::vector<at::Tensor
         L.q_norm = qk_norms[0];
         L.k_norm = qk_norms[1];
     }
+    // a Q8_0 cache (uint8) holds head_dim / 32 blocks of 34 bytes per row
+    const int64_t row = k_cache.scalar_type() == at::kByte ? L.head_dim / 32 * 34 : L.head_dim;
     for (const at::Tensor* c : {&k_cache, &v_cache}) {
         TORCH_CHECK(c->device().is_cpu() && c->is_contiguous() && c->dim() == 3 && c->size(0) > 0 &&
-                        c->size(1) == L.n_kv && c->size(2) == L.head_dim,
-                    "DecodePlan: KV cache must be a contiguous CPU tensor [slots, ", L.n_kv, ", ", L.head_dim,
-                    "], got ", c->sizes());
+                        c->size(1) == L.n_kv && c->size(2) == row,
+                    "DecodePlan: KV cache must be a contiguous CPU tensor [slots, ", L.n_kv, ", ", row, "], got ",
+                    c->sizes());
     }
     TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == v_cache.scalar_type(),
                 "DecodePlan: K and V caches differ");

@@ -1,4 +1,5 @@
-// dequantize: raw GGUF rows -> float32, every supported type (scalar, per block).
+// dequantize: raw GGUF rows -> float32, every supported type (scalar, per block); and
+// quantize_q8_0, the one direction the engine needs (a Q8_0 KV cache).
 //
 // Each block is expanded with the same float32 operations, in the same order, as
 // gguf-py's `gguf.quants.dequantize` (which follows ggml's dequantize_row_*), so the result
@@ -8,7 +9,9 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "quant/blocks.h"
 #include "quant/kernels.h"
@@ -163,6 +166,32 @@ void dequantize_row(int64_t qtype, const uint8_t* row, int64_t K, float* y) {
 }
 
 }  // namespace
+
+at::Tensor quantize_q8_0(const at::Tensor& x) {
+    TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() >= 1,
+                "quantize_q8_0: x must be a contiguous float32 CPU tensor, got ", x.scalar_type(), " ", x.sizes());
+    const int64_t K = x.size(-1);
+    TORCH_CHECK(K % QK == 0, "quantize_q8_0: the last dim (", K, ") is not a multiple of the Q8_0 block size 32");
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = K / QK * int64_t(sizeof(BlockQ8_0));
+    at::Tensor out = at::empty(shape, x.options().dtype(at::kByte));
+    const float* xp = x.data_ptr<float>();
+    auto* bp = reinterpret_cast<BlockQ8_0*>(out.data_ptr<uint8_t>());
+    const int64_t nb = x.numel() / QK;
+    // ggml's quantize_row_q8_0_ref: d = amax / 127 (stored as f16), q = roundf(x / d)
+    at::parallel_for(0, nb, 4096, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) {
+            const float* v = xp + i * QK;
+            float amax = 0.f;
+            for (int j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(v[j]));
+            const float d = amax / 127.f;
+            const float id = d != 0.f ? 1.f / d : 0.f;
+            bp[i].d = f32_to_f16(d);
+            for (int j = 0; j < QK; ++j) bp[i].qs[j] = int8_t(std::round(v[j] * id));
+        }
+    });
+    return out;
+}
 
 at::Tensor dequantize(const at::Tensor& w, int64_t qtype) {
     const TypeInfo* ti = type_info(qtype);

@@ -19,6 +19,9 @@ at::Tensor quant_matmul_exact(const at::Tensor& x, const at::Tensor& w, int64_t 
 // Raw GGUF rows uint8 [N, row_bytes] of type qtype -> float32 [N, K], bitwise what
 // gguf.quants.dequantize gives (same float32 operations per block).
 at::Tensor dequantize(const at::Tensor& w, int64_t qtype);
+// float32 [..., K] (K % 32 == 0, contiguous) -> uint8 [..., K / 32 * 34] Q8_0 blocks, as
+// ggml's quantize_row_q8_0 (and gguf.quants.quantize) make them: the Q8_0 KV cache format.
+at::Tensor quantize_q8_0(const at::Tensor& x);
 
 // The x4 layout (quant/packed_x4.h): four rows interleaved per block, for Q4_0/Q5_0/Q8_0.
 // pack_x4: raw rows uint8 [N, row_bytes] -> packed uint8 [ceil(N/4), nb * 4 * block_bytes];

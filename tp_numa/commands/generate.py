@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="compute threads per rank (default: the cores of the rank's NUMA node)")
     g.add_argument("-c", "--ctx-size", type=int, default=None,
                    help="context length in tokens (KV cache size; default min(trained, 4096))")
-    g.add_argument("--cache-type", default="f16", choices=("f16", "bf16", "f32"),
+    g.add_argument("--cache-type", default="f16", choices=("f16", "bf16", "f32", "q8_0"),
                    help="KV cache element type (default: %(default)s)")
     g.add_argument("--offload", default=None, metavar="FILE|PRESET",
                    help="placement config (TOML) or preset: all-cpu, attention-on-gpu, layers-on-gpu")

@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="number of tensor-parallel ranks to plan for (default: the MPI world size, 1 without mpirun)")
     parser.add_argument("-c", "--ctx-size", type=int, default=None,
                         help="context length the KV cache is sized for (default: min(trained context, 4096), as generate)")
-    parser.add_argument("--cache-type", default="f16", choices=("f16", "bf16", "f32"),
+    parser.add_argument("--cache-type", default="f16", choices=("f16", "bf16", "f32", "q8_0"),
                         help="KV cache element type (default f16)")
     parser.add_argument("--gpus", type=int, default=None,
                         help="CUDA GPUs per host to plan for (default: the GPUs visible here); "

@@ -11,7 +11,7 @@ lives in slot ``p % slots`` (a ring buffer). A query at position t sees key p if
 older than ``window - 1`` positions and the ring always holds every key it can see.
 
 Numerics: keys/values are rounded to the cache dtype on the way in (fp16 by default,
-as in llama.cpp) and every attention read uses the rounded values, so a prompt run in
+as in llama.cpp; or Q8_0 blocks, ``q8_0``) and every attention read uses the rounded values, so a prompt run in
 one prefill and the same prompt run token by token see identical keys. Scores, softmax
 and the weighted sum are computed in float32.
 
@@ -28,20 +28,47 @@ from torch import nn
 from .. import attention_ops
 from ..errors import TpNumaError
 
-KV_CACHE_DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32}
+# q8_0: GGUF Q8_0 blocks (fp16 scale + 32 int8 per 32 elements, 8.5 bits per value) stored
+# as uint8 [slots, n_kv, head_dim / 32 * 34]; written by ops.quantize_q8_0 (ggml's
+# quantize_row_q8_0), read by the native attention ops directly.
+KV_CACHE_DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32, "q8_0": torch.uint8}
+Q8_0_CACHE = torch.uint8
+_Q8_0 = 8  # GGML type id
 
 
 def kv_cache_dtype(name: str | torch.dtype) -> torch.dtype:
-    """Maps the user's ``--cache-type`` (f16 | bf16 | f32, or a torch dtype) to a torch dtype."""
+    """Maps the user's ``--cache-type`` (f16 | bf16 | f32 | q8_0, or a torch dtype; uint8
+    stands for q8_0) to the cache tensor's dtype."""
     if isinstance(name, torch.dtype):
         if name not in KV_CACHE_DTYPES.values():
-            raise TpNumaError(f"KV cache dtype {name} is not supported (use f16, bf16 or f32)")
+            raise TpNumaError(f"KV cache dtype {name} is not supported (use f16, bf16, f32 or q8_0)")
         return name
     key = str(name).lower().replace("float", "f").replace("fp", "f")
-    key = {"f": "f32", "half": "f16", "bfloat16": "bf16", "b16": "bf16"}.get(key, key)
+    key = {"f": "f32", "half": "f16", "bfloat16": "bf16", "b16": "bf16", "q8": "q8_0"}.get(key, key)
     if key not in KV_CACHE_DTYPES:
-        raise TpNumaError(f"KV cache type {name!r} is not supported (use f16, bf16 or f32)")
+        raise TpNumaError(f"KV cache type {name!r} is not supported (use f16, bf16, f32 or q8_0)")
     return KV_CACHE_DTYPES[key]
+
+
+def to_cache(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
+    """k or v [..., D] rounded to the cache's storage: a dtype cast, or Q8_0 blocks
+    (uint8 [..., D / 32 * 34]) for a q8_0 cache."""
+    if cache_dtype is Q8_0_CACHE:
+        from .. import ops
+
+        return ops.quantize_q8_0(x.float().contiguous())
+    return x.to(cache_dtype)
+
+
+def from_cache(c: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Cache rows [L, n_kv, row] as a float tensor [L, n_kv, head_dim] (Q8_0 dequantized;
+    other dtypes returned as they are) for the torch reference path."""
+    if c.dtype is not Q8_0_CACHE:
+        return c
+    from .. import ops
+
+    L, n_kv, row = c.shape
+    return ops.dequantize(c.reshape(L * n_kv, row).contiguous(), _Q8_0).view(L, n_kv, head_dim)
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos0: int,
@@ -109,7 +136,13 @@ class Attention(nn.Module):
         dtype = kv_cache_dtype(dtype)
         self.max_seq_len = int(max_seq_len)
         self.slots = self.max_seq_len if self.sliding_window is None else min(self.sliding_window, self.max_seq_len)
-        shape = (self.slots, self.n_kv_heads, self.head_dim)
+        row = self.head_dim
+        if dtype is Q8_0_CACHE:
+            if self.head_dim % 32:
+                raise TpNumaError(f"layer {self.layer_idx}: a q8_0 KV cache needs head_dim divisible by 32, "
+                                  f"got {self.head_dim} (use f16, bf16 or f32)")
+            row = self.head_dim // 32 * 34
+        shape = (self.slots, self.n_kv_heads, row)
         # zeros, not empty: first touch of the pages happens here, on this rank's node
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
@@ -148,21 +181,22 @@ class Attention(nn.Module):
             return self._native_decode(q, k, v, start_pos)
         native = self._native(q)
         end = start_pos + T
+        dt, D = self.k_cache.dtype, self.head_dim
         if end <= self.slots:
             # No wrap-around: slot == position, the cache prefix is the whole key sequence.
-            self.k_cache[start_pos:end] = k
-            self.v_cache[start_pos:end] = v
+            self.k_cache[start_pos:end] = to_cache(k, dt)
+            self.v_cache[start_pos:end] = to_cache(v, dt)
             if native:
                 return self._native_prefill(q, self.k_cache, self.v_cache, end, start_pos)
-            return attention_reference(q, self.k_cache[:end], self.v_cache[:end], start_pos, 0,
-                                       self.scale, self.sliding_window).to(q.dtype)
+            return attention_reference(q, from_cache(self.k_cache[:end], D), from_cache(self.v_cache[:end], D),
+                                       start_pos, 0, self.scale, self.sliding_window).to(q.dtype)
         if T == 1:
             # (torch path) Decode on a full ring: the slots hold exactly the last `window`
             # positions, all visible from this query (order does not matter to softmax).
-            self.k_cache[start_pos % self.slots] = k[0]
-            self.v_cache[start_pos % self.slots] = v[0]
-            return attention_reference(q, self.k_cache, self.v_cache, self.slots - 1, 0, self.scale,
-                                       None).to(q.dtype)
+            self.k_cache[start_pos % self.slots] = to_cache(k[0], dt)
+            self.v_cache[start_pos % self.slots] = to_cache(v[0], dt)
+            return attention_reference(q, from_cache(self.k_cache, D), from_cache(self.v_cache, D), self.slots - 1, 0,
+                                       self.scale, None).to(q.dtype)
         return self._prefill_wrapped(q, k, v, start_pos, native)
 
     def _prefill_wrapped(self, q, k, v, start_pos: int, native: bool) -> torch.Tensor:
@@ -173,15 +207,16 @@ class Attention(nn.Module):
         p0 = start_pos - n_past
         order = torch.arange(p0, start_pos, device=q.device) % self.slots
         dt = self.k_cache.dtype
-        keys = torch.cat([self.k_cache[order], k.to(dt)])     # (n_past + T, n_kv, D), positions p0..
-        vals = torch.cat([self.v_cache[order], v.to(dt)])
+        keys = torch.cat([self.k_cache[order], to_cache(k, dt)])     # (n_past + T, n_kv, D), positions p0..
+        vals = torch.cat([self.v_cache[order], to_cache(v, dt)])
         keep = min(T, self.slots)
         slots = torch.arange(start_pos + T - keep, start_pos + T, device=q.device) % self.slots
         self.k_cache[slots] = keys[-keep:]
         self.v_cache[slots] = vals[-keep:]
         if native:
             return self._native_prefill(q, keys, vals, keys.shape[0], n_past)
-        return attention_reference(q, keys, vals, start_pos, p0, self.scale, self.sliding_window).to(q.dtype)
+        return attention_reference(q, from_cache(keys, self.head_dim), from_cache(vals, self.head_dim), start_pos, p0,
+                                   self.scale, self.sliding_window).to(q.dtype)
 
     def _native_decode(self, q, k, v, start_pos: int) -> torch.Tensor:
         """One token: cache write and attention in one native call. The slot is

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import TpNumaError
-from .attention import Attention, kv_cache_dtype
+from .attention import Q8_0_CACHE, Attention, kv_cache_dtype
 
 
 class DeviceAttention(Attention):
@@ -71,6 +71,9 @@ class DeviceAttention(Attention):
         if max_seq_len <= 0:
             raise TpNumaError(f"context size must be positive, got {max_seq_len}")
         dtype = kv_cache_dtype(dtype)
+        if dtype is Q8_0_CACHE:
+            raise TpNumaError(f"layer {self.layer_idx}: a q8_0 KV cache is CPU only; attention placed on "
+                              f"{self.device} needs f16, bf16 or f32 (--cache-type)")
         self.max_seq_len = self.slots = int(max_seq_len)
         shape = (self.slots, self.n_kv_heads, self.head_dim)
         self.k_cache = self.v_cache = None  # free the old cache first: device memory is the limit
