@@ -61,8 +61,9 @@ LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 _GPU_MATRIX_BYTES = 2
 _GPU_VECTOR_BYTES = 4
 
-# KV cache element sizes by the engine's --cache-type names
-_KV_BYTES = {"f16": 2, "bf16": 2, "f32": 4, "q8_0": 34 / 32}   # q8_0: CPU caches only
+# KV cache bytes per value by the engine's --cache-type names (the CLI's choices; torch-free,
+# unlike layers/attention.py's KV_CACHE_DTYPES). q8_0: CPU caches only.
+KV_CACHE_BYTES = {"f16": 2, "bf16": 2, "f32": 4, "q8_0": 34 / 32}
 
 # context the KV cache is sized for when none is given: the engine's default
 DEFAULT_CONTEXT = 4096
@@ -276,7 +277,7 @@ def kv_cache_bytes(config, layer: int, kv_heads: int, max_seq_len: int, kv_type:
     ring of ``min(window, max_seq_len)`` slots; the GPU cache keeps every position."""
     window = config.window_for(layer)
     slots = max_seq_len if (on_gpu or window is None) else min(window, max_seq_len)
-    return int(2 * slots * kv_heads * config.head_dim * _KV_BYTES[kv_type])
+    return int(2 * slots * kv_heads * config.head_dim * KV_CACHE_BYTES[kv_type])
 
 
 # ---------------------------------------------------------------- the plan
@@ -334,8 +335,8 @@ def resolve_plan(config, placement: Placement, tp_size: int, *, tensors: dict,
     if tp_size < 1:
         raise TpNumaError(f"tp size must be >= 1, got {tp_size}")
     kv_type = kv_type.lower()
-    if kv_type not in _KV_BYTES:
-        raise TpNumaError(f"KV cache type {kv_type!r} is not supported (use {', '.join(_KV_BYTES)})")
+    if kv_type not in KV_CACHE_BYTES:
+        raise TpNumaError(f"KV cache type {kv_type!r} is not supported (use {', '.join(KV_CACHE_BYTES)})")
     if n_gpus is None:
         n_gpus = cuda_device_count()
     check_devices(placement, n_gpus)

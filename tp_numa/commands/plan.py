@@ -15,6 +15,8 @@ from ..errors import TpNumaError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..offload import KV_CACHE_BYTES   # torch-free: the --cache-type names
+
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("-m", "--model", required=True,
                         help="GGUF file or short model name (e.g. qwen2.5-coder-0.5b, gemma3-270m)")
@@ -24,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="number of tensor-parallel ranks to plan for (default: the MPI world size, 1 without mpirun)")
     parser.add_argument("-c", "--ctx-size", type=int, default=None,
                         help="context length the KV cache is sized for (default: min(trained context, 4096), as generate)")
-    parser.add_argument("--cache-type", default="f16", choices=("f16", "bf16", "f32", "q8_0"),
+    parser.add_argument("--cache-type", default="f16", choices=tuple(KV_CACHE_BYTES),
                         help="KV cache element type (default f16)")
     parser.add_argument("--gpus", type=int, default=None,
                         help="CUDA GPUs per host to plan for (default: the GPUs visible here); "

@@ -31,8 +31,8 @@ from ..errors import TpNumaError
 # q8_0: GGUF Q8_0 blocks (fp16 scale + 32 int8 per 32 elements, 8.5 bits per value) stored
 # as uint8 [slots, n_kv, head_dim / 32 * 34]; written by ops.quantize_q8_0 (ggml's
 # quantize_row_q8_0), read by the native attention ops directly.
-KV_CACHE_DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32, "q8_0": torch.uint8}
 Q8_0_CACHE = torch.uint8
+KV_CACHE_DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32, "q8_0": Q8_0_CACHE}
 _Q8_0 = 8  # GGML type id
 
 

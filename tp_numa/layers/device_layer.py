@@ -58,7 +58,7 @@ def dequantized_fp16(layer: LinearBase, device: torch.device) -> torch.Tensor:
     GGML type per run, in output order); each run is dequantized (``ops.dequantize``, bitwise
     ``gguf.quants.dequantize``) and rounded to fp16 (round to nearest even).
     """
-    from .embedding import dequantize_rows
+    from .. import ops
 
     out = torch.empty((layer.output_size, layer.input_size), dtype=torch.float16, device=device)
     row = 0
@@ -67,7 +67,7 @@ def dequantized_fp16(layer: LinearBase, device: torch.device) -> torch.Tensor:
         qtype = getattr(layer, name + "_qtype")
         for r0 in range(0, rows.shape[0], _DEQUANT_ROWS):
             chunk = rows[r0:r0 + _DEQUANT_ROWS]
-            dense = dequantize_rows(chunk, qtype, layer.input_size)        # (n, K) float32
+            dense = ops.dequantize(chunk, qtype)                           # (n, K) float32
             if dense.shape[1] != layer.input_size:
                 raise TpNumaError(f"dequantized rows have {dense.shape[1]} columns, layer expects {layer.input_size}")
             out[row:row + dense.shape[0]] = dense.to(device=device, dtype=torch.float16)

@@ -11,10 +11,7 @@ rows when the output is tied to it).
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
-from gguf import GGMLQuantizationType
-from gguf.quants import dequantize
 from torch import nn
 
 from ..distributed import parallel_state
@@ -23,28 +20,6 @@ from ..gguf_loader import GGUFFile
 from .partition import Range, partition_rows
 from .. import ops
 from .quant import linear_method_for, method_of, shared_x4_weight, x4_pays
-
-
-def dequantize_rows(rows: torch.Tensor, qtype: int, n_cols: int) -> torch.Tensor:
-    """uint8 raw rows [n, row_bytes] -> float32 [n, n_cols] (only these rows): the native op
-    (``ops.dequantize``, bitwise gguf-py's), or gguf-py when the extension is not built."""
-    if rows.shape[0] == 0:
-        return torch.empty((0, n_cols), dtype=torch.float32)
-    if _native_dequantize():
-        return ops.dequantize(rows.contiguous(), qtype)
-    vals = dequantize(rows.numpy(), GGMLQuantizationType(qtype))
-    return torch.from_numpy(np.ascontiguousarray(vals, dtype=np.float32).reshape(rows.shape[0], n_cols))
-
-
-def _native_dequantize() -> bool:
-    if _NATIVE["dequantize"] is None:
-        from .._ext import ops_registered
-
-        _NATIVE["dequantize"] = ops_registered("dequantize")
-    return _NATIVE["dequantize"]
-
-
-_NATIVE: dict[str, bool | None] = {"dequantize": None}
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -99,20 +74,26 @@ class VocabParallelEmbedding(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         v0, v1 = self.vocab_range
-        lo, hi = (int(tokens[0]), int(tokens[0])) if tokens.numel() == 1 else \
-            (int(tokens.min()), int(tokens.max())) if tokens.numel() else (v0, v0)
+        n = tokens.numel()
+        if n == 0:
+            lo = hi = v0
+        elif n == 1:                  # a decode step: no reductions
+            lo = hi = int(tokens[0])
+        else:
+            lo, hi = int(tokens.min()), int(tokens.max())
         if lo < 0 or hi >= self.vocab_size:
             bad = tokens[(tokens < 0) | (tokens >= self.vocab_size)][0].item()
             raise ValueError(f"token id {bad} outside the vocabulary [0, {self.vocab_size})")
-        if tokens.numel() and v0 <= lo and hi < v1:
-            # every token in this rank's rows (always so at tp=1)
-            out = dequantize_rows(self._raw_rows(tokens - v0), self.qtype, self.embedding_dim)
+        if n and v0 <= lo and hi < v1:
+            # every token in this rank's rows (always so at tp=1); ops.dequantize is
+            # bitwise gguf.quants.dequantize
+            out = ops.dequantize(self._raw_rows(tokens - v0), self.qtype)
         else:
             mine = (tokens >= v0) & (tokens < v1)
             out = torch.zeros((tokens.shape[0], self.embedding_dim), dtype=torch.float32)
             if bool(mine.any()):
                 local = tokens[mine] - v0
-                out[mine] = dequantize_rows(self._raw_rows(local), self.qtype, self.embedding_dim)
+                out[mine] = ops.dequantize(self._raw_rows(local), self.qtype)
         if self.tp_size > 1:
             from ..distributed import communicator
 

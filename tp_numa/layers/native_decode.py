@@ -60,11 +60,11 @@ def enabled() -> bool:
 class NativeDecode:
     """A built plan plus what the Python side checks before each call."""
 
-    def __init__(self, plan, layers: list, caches: list[torch.Tensor]):
+    def __init__(self, plan, layers: list):
         self.plan = plan
         self._layers = layers
         self._attns = [layer.self_attn.attn for layer in layers]
-        self._caches = caches
+        self._caches = [a.k_cache for a in self._attns]    # the caches the plan holds
         self._first_attn = self._attns[0]
 
     def current(self, model) -> bool:
@@ -143,7 +143,6 @@ def build_plan(model) -> NativeDecode:
         raise TpNumaError("native decode does not apply: the all-reduce does not go through shared memory")
     cfg = model.cfg
     plan = torch.classes.tp_numa.DecodePlan(cfg.d_model, float(cfg.norm_eps), -1 if handle is None else handle)
-    layers, caches = [], []
     for i, layer in enumerate(model.layers):
         sa = layer.self_attn
         if isinstance(layer, Gemma3DecoderLayer):
@@ -159,9 +158,7 @@ def build_plan(model) -> NativeDecode:
         for which, lin in ((_QKV, sa.qkv_proj), (_O_PROJ, sa.o_proj), (_GATE_UP, layer.mlp.gate_up_proj),
                            (_DOWN, layer.mlp.down_proj)):
             _set_linear(plan, which, lin)
-        layers.append(layer)
-        caches.append(a.k_cache)
-    return NativeDecode(plan, layers, caches)
+    return NativeDecode(plan, list(model.layers))
 
 
 def _set_linear(plan, which: int, lin) -> None:
