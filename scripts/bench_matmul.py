@@ -11,9 +11,9 @@
    ceiling, which must exceed the bandwidth for the GEMV to be memory bound.
 3. GEMM (M = 512, prefill): GFLOP/s (2*M*N*K / t), and the speed-up over M separate GEMV
    calls on the same weight.
-Types named ``<T>x4`` (Q4_0x4, Q5_0x4, Q8_0x4) run the same weights repacked into the x4
+Types named ``<T>x4`` (Q4_0x4, Q5_0x4, Q8_0x4, Q4_Kx4) run the same weights repacked into the x4
 layout (``ops.pack_x4`` + ``ops.quant_matmul_x4``), which is what the engine uses for those
-types; the bandwidth target is checked on them and on the K-quants.
+types; the bandwidth target is checked on them and on Q6_K (row layout).
 
 Usage: .venv/bin/python scripts/bench_matmul.py [--threads 1 2] [--types Q4_0 Q8_0 ...]
        [--shapes 4096x4096 11008x4096 151936x896] [--gemm-shape 4096x4096] [--min-time 0.3]
@@ -33,8 +33,8 @@ from gguf.quants import quantize
 
 from tp_numa import ops
 
-HOT = ["Q4_0x4", "Q5_0x4", "Q8_0x4", "Q4_K", "Q6_K"]
-ALL = ["Q4_0", "Q4_0x4", "Q4_1", "Q5_0", "Q5_0x4", "Q5_1", "Q8_0", "Q8_0x4", "IQ4_NL", "Q4_K", "Q5_K",
+HOT = ["Q4_0x4", "Q5_0x4", "Q8_0x4", "Q4_Kx4", "Q6_K"]
+ALL = ["Q4_0", "Q4_0x4", "Q4_1", "Q5_0", "Q5_0x4", "Q5_1", "Q8_0", "Q8_0x4", "IQ4_NL", "Q4_K", "Q4_Kx4", "Q5_K",
        "Q6_K", "IQ4_XS", "F16", "BF16", "F32"]
 
 

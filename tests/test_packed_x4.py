@@ -1,4 +1,4 @@
-"""The x4 weight layout (csrc/quant/packed_x4.h) and its ops, against the same oracle as
+"""The x4 weight layout (csrc/quant/packed_x4.h) and its ops (Q4_0, Q5_0, Q8_0, Q4_K), against the same oracle as
 the row layout (tests/test_quant_ops.py: gguf dequantize + float64 matmul, with the bound
 of the activation's 8-bit rounding), plus the properties tensor parallelism relies on:
 lossless packing, results independent of row grouping, threads and K splits."""
@@ -13,8 +13,13 @@ from tp_numa import ops
 
 from test_quant_ops import check, make_weight
 
-X4_TYPES = [T.Q4_0, T.Q5_0, T.Q8_0]
+X4_TYPES = [T.Q4_0, T.Q5_0, T.Q8_0, T.Q4_K]
 ISAS = ["scalar", "auto"]
+
+
+def block(qtype: T) -> int:
+    """Elements per block: 32, or 256 for the K-quant super-block."""
+    return GGML_QUANT_SIZES[qtype][0]
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +36,7 @@ def test_x4_types_match_kernels():
 def test_pack_roundtrip_is_lossless(qtype):
     rng = np.random.default_rng(int(qtype))
     for n in (1, 3, 4, 9, 33):
-        raw, _ = make_weight(qtype, n, 96, rng)
+        raw, _ = make_weight(qtype, n, 3 * block(qtype), rng)
         wt = torch.from_numpy(raw)
         wp = ops.pack_x4(wt, int(qtype))
         assert wp.shape == ((n + 3) // 4, 4 * raw.shape[1])
@@ -42,7 +47,8 @@ def test_pack_roundtrip_is_lossless(qtype):
 @pytest.mark.parametrize("m", [1, 7, 64, 512])
 @pytest.mark.parametrize("qtype", X4_TYPES, ids=lambda t: t.name)
 def test_x4_matches_oracle(qtype, m, isa):
-    for i, k in enumerate([32, 64, 896]):
+    for i, nb in enumerate([1, 2, 7 if qtype == T.Q4_K else 28]):
+        k = nb * block(qtype)
         for n in ((1, 16, 33) if m < 512 else (37,)):
             check(qtype, m, n + i, k, isa, packed=True)
             check(qtype, m, n + i, k, isa, packed=True, exact=True)
@@ -56,10 +62,11 @@ def test_x4_bfloat16_activations():
 def test_x4_close_to_row_layout(qtype):
     """Same integer sums as quant_matmul; only the fp32 summation order differs."""
     rng = np.random.default_rng(3 + int(qtype))
-    raw, w = make_weight(qtype, 67, 896, rng)
+    k = 7 * 256 if qtype == T.Q4_K else 896
+    raw, w = make_weight(qtype, 67, k, rng)
     wt = torch.from_numpy(raw)
     wp = ops.pack_x4(wt, int(qtype))
-    x = torch.from_numpy(rng.standard_normal((5, 896)).astype(np.float32))
+    x = torch.from_numpy(rng.standard_normal((5, k)).astype(np.float32))
     scale = np.abs(x.double().numpy()) @ np.abs(w).T
     for m in (1, 5):
         err = (ops.quant_matmul_x4(x[:m], wp, int(qtype), 67) - ops.quant_matmul(x[:m], wt, int(qtype))).abs()
@@ -73,9 +80,10 @@ def test_x4_row_result_independent_of_grouping(qtype, exact):
     position (or in the padded last group) depending on tp: its result must not change."""
     fn = ops.quant_matmul_x4_exact if exact else ops.quant_matmul_x4
     rng = np.random.default_rng(50 + int(qtype))
-    raw, _ = make_weight(qtype, 23, 256, rng)
+    k = 2 * block(qtype) if qtype == T.Q4_K else 256
+    raw, _ = make_weight(qtype, 23, k, rng)
     wt = torch.from_numpy(raw)
-    x = torch.from_numpy(rng.standard_normal((6, 256)).astype(np.float32))
+    x = torch.from_numpy(rng.standard_normal((6, k)).astype(np.float32))
     for m in (1, 6):
         full = fn(x[:m], ops.pack_x4(wt, int(qtype)), int(qtype), 23)
         for r0, r1 in ((1, 23), (3, 10), (5, 6), (2, 20)):
@@ -87,39 +95,40 @@ def test_x4_row_result_independent_of_grouping(qtype, exact):
 def test_x4_exact_is_split_invariant(qtype):
     """Row-parallel shards pack their own block range; float64 partials must compose."""
     rng = np.random.default_rng(60 + int(qtype))
-    nb = 11
-    raw, _ = make_weight(qtype, 21, 32 * nb, rng)
+    nb, be = 11, block(qtype)
+    raw, _ = make_weight(qtype, 21, be * nb, rng)
     wt = torch.from_numpy(raw)
     bb = GGML_QUANT_SIZES[qtype][1]
-    x = torch.from_numpy(rng.standard_normal((6, 32 * nb)).astype(np.float32))
+    x = torch.from_numpy(rng.standard_normal((6, be * nb)).astype(np.float32))
     for m in (1, 6):
         full = ops.quant_matmul_x4_exact(x[:m], ops.pack_x4(wt, int(qtype)), int(qtype), 21).float()
         for cuts in ([0, 4, nb], [0, 1, 7, nb], [0, 5, 6, 10, nb]):
             total = torch.zeros(m, 21, dtype=torch.float64)
             for a, b in zip(cuts, cuts[1:]):
                 wp = ops.pack_x4(wt[:, a * bb:b * bb].contiguous(), int(qtype))
-                total += ops.quant_matmul_x4_exact(x[:m, 32 * a:32 * b].contiguous(), wp, int(qtype), 21)
+                total += ops.quant_matmul_x4_exact(x[:m, be * a:be * b].contiguous(), wp, int(qtype), 21)
             assert torch.equal(total.float(), full), f"{qtype.name} M={m} cuts {cuts}"
 
 
-def test_x4_threads_give_same_result():
+@pytest.mark.parametrize("qtype", [T.Q5_0, T.Q4_K], ids=lambda t: t.name)
+def test_x4_threads_give_same_result(qtype):
     rng = np.random.default_rng(9)
-    raw, _ = make_weight(T.Q5_0, 301, 512, rng)
-    wp = ops.pack_x4(torch.from_numpy(raw), int(T.Q5_0))
+    raw, _ = make_weight(qtype, 301, 512, rng)
+    wp = ops.pack_x4(torch.from_numpy(raw), int(qtype))
     x = torch.from_numpy(rng.standard_normal((3, 512)).astype(np.float32))
     old = torch.get_num_threads()
     try:
         outs = []
         for t in (1, 2):
             torch.set_num_threads(t)
-            outs.append((ops.quant_matmul_x4(x, wp, 6, 301), ops.quant_matmul_x4(x[:1], wp, 6, 301)))
+            outs.append((ops.quant_matmul_x4(x, wp, int(qtype), 301), ops.quant_matmul_x4(x[:1], wp, int(qtype), 301)))
     finally:
         torch.set_num_threads(old)
     assert all(torch.equal(a, b) for a, b in zip(*outs))
 
 
 @pytest.mark.parametrize("bad, message", [
-    (lambda x, w: ops.pack_x4(w, int(T.Q4_K)), "Q4_K|type id 12 has no x4 layout"),
+    (lambda x, w: ops.pack_x4(w, int(T.Q6_K)), "type id 14 has no x4 layout"),
     (lambda x, w: ops.pack_x4(w[:, :30].contiguous(), 8), "not whole Q8_0 blocks"),
     (lambda x, w: ops.quant_matmul_x4(x, ops.pack_x4(w, 8), 8, 9), r"must be \[3, 272\]"),
     (lambda x, w: ops.quant_matmul_x4(x, ops.pack_x4(w, 8), 6, 5), "Q5_0 weight of n=5"),
@@ -135,17 +144,19 @@ def test_x4_bad_inputs_raise(bad, message):
         bad(x, w)
 
 
+@pytest.mark.parametrize("qtype", [T.Q5_0, T.Q4_K], ids=lambda t: t.name)
 @pytest.mark.parametrize("op", ["quant_matmul_x4", "quant_matmul_x4_exact"])
-def test_x4_opcheck(op):
+def test_x4_opcheck(op, qtype):
     rng = np.random.default_rng(11)
-    raw, _ = make_weight(T.Q5_0, 9, 64, rng)
-    wp = ops.pack_x4(torch.from_numpy(raw), int(T.Q5_0))
-    x = torch.from_numpy(rng.standard_normal((3, 64)).astype(np.float32))
-    torch.library.opcheck(getattr(torch.ops.tp_numa, op).default, (x, wp, int(T.Q5_0), 9),
+    k = 2 * block(qtype)
+    raw, _ = make_weight(qtype, 9, k, rng)
+    wp = ops.pack_x4(torch.from_numpy(raw), int(qtype))
+    x = torch.from_numpy(rng.standard_normal((3, k)).astype(np.float32))
+    torch.library.opcheck(getattr(torch.ops.tp_numa, op).default, (x, wp, int(qtype), 9),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
-    torch.library.opcheck(torch.ops.tp_numa.pack_x4.default, (torch.from_numpy(raw), int(T.Q5_0)),
+    torch.library.opcheck(torch.ops.tp_numa.pack_x4.default, (torch.from_numpy(raw), int(qtype)),
                           test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(torch.ops.tp_numa.unpack_x4.default, (wp, int(T.Q5_0), 9),
+    torch.library.opcheck(torch.ops.tp_numa.unpack_x4.default, (wp, int(qtype), 9),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -155,6 +166,7 @@ def test_which_weights_are_repacked(monkeypatch):
     assert x4_pays(int(T.Q5_0), 22 * 128) and x4_pays(int(T.Q4_0), 18 * 128)
     assert x4_pays(int(T.Q8_0), 34 * 28)            # 896-wide: x4 is faster
     assert not x4_pays(int(T.Q8_0), 34 * 128)       # 4096-wide: the row layout's 4-row GEMV is
-    assert not x4_pays(int(T.Q4_K), 144 * 16)       # no x4 layout
+    assert x4_pays(int(T.Q4_K), 144 * 16)           # 4 rows' scales in one vpmaddwd
+    assert not x4_pays(int(T.Q6_K), 210 * 16)       # no x4 layout
     monkeypatch.setenv("TP_NUMA_X4", "0")
     assert not x4_pays(int(T.Q5_0), 22 * 128)

@@ -71,10 +71,108 @@ void load_group_codes(int64_t qtype, const uint8_t* p, uint8_t code[4][QK]) {
             for (int j = 0; j < QK; ++j) code[v][j] |= uint8_t(((p[j % 16] >> (2 * v + (j >= 16))) & 1) << 4);
 }
 
+// ---- Q4_K (packed_x4.h): 4 super-blocks per group block ----
+
+constexpr int kX4KHeader = 64;  // d[4], dmin[4], lo[32], hi[16]
+
+// A Q4_K block's 256 codes (0..15) in element order, and back.
+void q4k_codes(const BlockQ4_K& b, uint8_t code[QK_K]) {
+    for (int c = 0; c < 4; ++c)
+        for (int l = 0; l < 32; ++l) {
+            code[64 * c + l] = b.qs[32 * c + l] & 15;
+            code[64 * c + 32 + l] = b.qs[32 * c + l] >> 4;
+        }
+}
+
+void set_q4k_codes(const uint8_t code[QK_K], BlockQ4_K& b) {
+    for (int c = 0; c < 4; ++c)
+        for (int l = 0; l < 32; ++l) b.qs[32 * c + l] = uint8_t(code[64 * c + l] | code[64 * c + 32 + l] << 4);
+}
+
+// The 12 packed scale bytes from 8 six-bit scales and mins (the inverse of k_scale_min).
+void pack_k_scales(const uint8_t sc[8], const uint8_t m[8], uint8_t s[12]) {
+    for (int j = 0; j < 4; ++j) {
+        s[j] = uint8_t((sc[j] & 63) | (sc[j + 4] >> 4) << 6);
+        s[j + 4] = uint8_t((m[j] & 63) | (m[j + 4] >> 4) << 6);
+        s[j + 8] = uint8_t((sc[j + 4] & 15) | (m[j + 4] & 15) << 4);
+    }
+}
+
+// Byte positions of sc[r][j] in SC and of m[r][j] in MN.
+int x4k_sc_index(int r, int j) { return 16 * (j / 4) + 4 * (j % 4) + r; }
+int x4k_mn_index(int r, int j) {
+    const int q = j / 4, L = r + 4 * ((j % 4) / 2), t = j % 2;
+    return 16 * q + 2 * L + t;
+}
+
+void pack_group_q4k(const BlockQ4_K* blk[4], uint8_t* p) {
+    uint8_t code[4][QK_K] = {}, SC[32] = {}, MN[32] = {};
+    uint16_t d[4] = {0, 0, 0, 0}, dmin[4] = {0, 0, 0, 0};
+    for (int r = 0; r < 4; ++r) {
+        if (blk[r] == nullptr) continue;  // padding row: d = dmin = 0, codes 0
+        d[r] = blk[r]->d;
+        dmin[r] = blk[r]->dmin;
+        q4k_codes(*blk[r], code[r]);
+        for (int j = 0; j < 8; ++j) k_scale_min(j, blk[r]->scales, &SC[x4k_sc_index(r, j)], &MN[x4k_mn_index(r, j)]);
+    }
+    std::memcpy(p, d, 8);
+    std::memcpy(p + 8, dmin, 8);
+    for (int i = 0; i < 32; ++i) p[16 + i] = uint8_t((SC[i] & 15) | (MN[i] & 15) << 4);
+    for (int c = 0; c < 16; ++c)
+        p[48 + c] = uint8_t(SC[c] >> 4 | (SC[c + 16] >> 4) << 2 | (MN[c] >> 4) << 4 | (MN[c + 16] >> 4) << 6);
+    for (int pr = 0; pr < 4; ++pr)
+        for (int m = 0; m < 4; ++m)
+            for (int b = 0; b < 32; ++b) {
+                const int r = x4_row(b);
+                p[kX4KHeader + 128 * pr + 32 * m + b] =
+                    uint8_t(code[r][x4k_element(pr, 2 * m, b)] | code[r][x4k_element(pr, 2 * m + 1, b)] << 4);
+            }
+}
+
+void unpack_group_q4k(const uint8_t* p, BlockQ4_K* blk[4]) {
+    uint8_t SC[32], MN[32];
+    for (int i = 0; i < 32; ++i) {
+        const int c = i % 16, h = i / 16;
+        SC[i] = uint8_t((p[16 + i] & 15) | ((p[48 + c] >> (2 * h)) & 3) << 4);
+        MN[i] = uint8_t((p[16 + i] >> 4) | ((p[48 + c] >> (4 + 2 * h)) & 3) << 4);
+    }
+    for (int r = 0; r < 4; ++r) {
+        if (blk[r] == nullptr) continue;
+        std::memcpy(&blk[r]->d, p + 2 * r, 2);
+        std::memcpy(&blk[r]->dmin, p + 8 + 2 * r, 2);
+        uint8_t sc[8], m[8], code[QK_K];
+        for (int j = 0; j < 8; ++j) {
+            sc[j] = SC[x4k_sc_index(r, j)];
+            m[j] = MN[x4k_mn_index(r, j)];
+        }
+        pack_k_scales(sc, m, blk[r]->scales);
+        for (int pr = 0; pr < 4; ++pr)
+            for (int v = 0; v < 8; ++v)
+                for (int b = 0; b < 32; ++b) {
+                    if (x4_row(b) != r) continue;
+                    const uint8_t byte = p[kX4KHeader + 128 * pr + 32 * (v / 2) + b];
+                    code[x4k_element(pr, v, b)] = v % 2 ? byte >> 4 : byte & 15;
+                }
+        set_q4k_codes(code, *blk[r]);
+    }
+}
+
 }  // namespace
 
 void pack_x4(int64_t qtype, const uint8_t* rows, size_t row_bytes, int64_t n_rows, int nb, uint8_t* out) {
     const int bb = row_block_bytes(qtype), gb = x4_group_bytes(qtype);
+    if (qtype == kQ4_K) {
+        for (int64_t g = 0; g < (n_rows + 3) / 4; ++g)
+            for (int i = 0; i < nb; ++i) {
+                const BlockQ4_K* blk[4];
+                for (int r = 0; r < 4; ++r)
+                    blk[r] = 4 * g + r < n_rows
+                                 ? reinterpret_cast<const BlockQ4_K*>(rows + size_t(4 * g + r) * row_bytes) + i
+                                 : nullptr;
+                pack_group_q4k(blk, out + (size_t(g) * nb + i) * gb);
+            }
+        return;
+    }
     const int64_t ngroups = (n_rows + 3) / 4;
     for (int64_t g = 0; g < ngroups; ++g) {
         for (int i = 0; i < nb; ++i) {
@@ -101,6 +199,17 @@ void unpack_x4(int64_t qtype, const uint8_t* packed, int64_t n_rows, int nb, uin
     const int bb = row_block_bytes(qtype), gb = x4_group_bytes(qtype);
     const size_t row_bytes = size_t(nb) * bb;
     const int64_t ngroups = (n_rows + 3) / 4;
+    if (qtype == kQ4_K) {
+        for (int64_t g = 0; g < ngroups; ++g)
+            for (int i = 0; i < nb; ++i) {
+                BlockQ4_K* blk[4];
+                for (int r = 0; r < 4; ++r)
+                    blk[r] = 4 * g + r < n_rows ? reinterpret_cast<BlockQ4_K*>(rows + size_t(4 * g + r) * row_bytes) + i
+                                                : nullptr;
+                unpack_group_q4k(packed + (size_t(g) * nb + i) * gb, blk);
+            }
+        return;
+    }
     for (int64_t g = 0; g < ngroups; ++g) {
         for (int i = 0; i < nb; ++i) {
             const uint8_t* p = packed + (size_t(g) * nb + i) * gb;
@@ -128,6 +237,27 @@ void expand_act_x4(const void* q8a, int nb, void* out) {
         o[i].s = a[i].s;
         for (int v = 0; v < 4; ++v)
             for (int j = 0; j < QK; ++j) o[i].qs[v][j] = a[i].qs[x4_element(v, j)];
+    }
+}
+
+}  // namespace tp_numa::quant
+
+namespace tp_numa::quant {
+
+void expand_act_kx4(const void* q8k, int nb, void* out) {
+    const auto* a = static_cast<const BlockQ8K*>(q8k);
+    auto* o = static_cast<BlockQ8KX4*>(out);
+    for (int i = 0; i < nb; ++i) {
+        o[i].d = a[i].d;
+        for (int q = 0; q < 2; ++q)
+            for (int L = 0; L < 8; ++L)
+                for (int t = 0; t < 2; ++t) {
+                    const int j = 4 * q + 2 * (L / 4) + t;
+                    o[i].bsum[q][2 * L + t] = int16_t(a[i].bsums[2 * j] + a[i].bsums[2 * j + 1]);
+                }
+        for (int p = 0; p < 4; ++p)
+            for (int v = 0; v < 8; ++v)
+                for (int b = 0; b < QK; ++b) o[i].qs[p][v][b] = a[i].qs[x4k_element(p, v, b)];
     }
 }
 

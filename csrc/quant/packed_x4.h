@@ -1,6 +1,6 @@
 // The "x4" weight layout: four GGUF rows interleaved block by block, made once at load
-// time for the 32-element types whose GEMV is compute-bound in the row layout (Q4_0, Q5_0,
-// Q8_0). Same bytes per weight as GGUF (a group block is 4 row blocks), no float copy.
+// time for the types whose GEMV is compute-bound in the row layout (Q4_0, Q5_0, Q8_0,
+// Q4_K). Same bytes per weight as GGUF (a group block is 4 row blocks), no float copy.
 //
 // Rows 4g..4g+3 form group g (the last group of N % 4 != 0 rows is padded with zero
 // blocks, whose scale d = 0 makes them contribute nothing). A packed weight is uint8
@@ -22,6 +22,28 @@
 // loads shared by 4 rows, and a single prefetch stream. Q5_0's high bits unpack with one
 // 64-bit variable shift and an and per code vector (the bit order above is chosen for it).
 //
+// Q4_K (a group block is 4 super-blocks of 256 elements, 576 bytes): sub-block j (0..7)
+// of the 4 rows is dotted in the same lane order, with sub-blocks j and j + 4 sharing
+// vectors (low / high 128-bit half), so that one vpmaddwd applies the 4 rows' 6-bit
+// scales of both to 8 summed vpmaddubsw results. Lane order: code vector v (0..7) of pair
+// p (0..3), byte b = 16h + c (half h, c in 0..15) = row c / 4, element
+// 32 (p + 4h) + 4v + c % 4 of the super-block. Bytes:
+//   d[4], dmin[4]  f16 of rows 0..3                                            16 bytes
+//   lo[32]         byte i = SC[i] & 15 | (MN[i] & 15) << 4                     32 bytes
+//   hi[16]         byte c = SC[c] >> 4 | SC[c + 16] >> 4 << 2 | MN[c] >> 4 << 4
+//                           | MN[c + 16] >> 4 << 6                             16 bytes
+//   qs[4][4][32]   pair p, half-vector m: byte b = code[p][2m][b] | code[p][2m+1][b] << 4
+//                                                                              512 bytes
+// with the 6-bit scales sc[r][j] and mins m[r][j] stored as
+//   SC[16h + 4p + r] = sc[r][p + 4h]       (one vpshufb per pair broadcasts a row's scale
+//                                           to its lanes: low half j = p, high j = p + 4)
+//   MN[16q + 2L + t] = m[L % 4][4q + 2(L / 4) + t]   (vpmovzxbw of MN[16q..] times the
+//                                           activation's sub-block sums, BlockQ8KX4::bsum,
+//                                           gives row L % 4's mins term in int32 lane L)
+// Both unpack with 10 vector uops per group block (two 64-bit variable shifts bring the
+// high bits to bit 4). The 8 vpmaddubsw of a pair sum in int16 without overflow (codes
+// <= 15, |a| <= 127: 8 * 2 * 15 * 127 = 30480).
+//
 // The arithmetic for a row depends only on that row (each lane sees one row), so results
 // do not depend on how rows are grouped, split over threads or over tp ranks.
 #pragma once
@@ -37,12 +59,20 @@ namespace tp_numa::quant {
 struct BlockQ8AX4 { float d; float s; int8_t qs[4][QK]; };
 static_assert(sizeof(BlockQ8AX4) == 136, "Q8AX4 block");
 
+// Activation super-block for the Q4_K x4 kernel: BlockQ8K's values in the Q4_K lane order,
+// qs[p][v][16h + c] = a[32 (p + 4h) + 4v + c % 4], and the 32-element sub-block sums
+// bsum32[j] = bsums[2j] + bsums[2j + 1] arranged as the MN bytes:
+// bsum[q][2L + t] = bsum32[4q + 2(L / 4) + t].
+struct BlockQ8KX4 { float d; int16_t bsum[2][16]; int8_t qs[4][8][QK]; };
+static_assert(sizeof(BlockQ8KX4) == 1092, "Q8KX4 block");
+
 // Bytes of one group block (4 row blocks) of a packable type; 0 if the type has no x4 form.
 inline int x4_group_bytes(int64_t qtype) {
     switch (qtype) {
         case kQ4_0: return 4 * 18;
         case kQ5_0: return 4 * 22;
         case kQ8_0: return 4 * 34;
+        case kQ4_K: return 4 * 144;
         default: return 0;
     }
 }
@@ -50,6 +80,8 @@ inline int x4_group_bytes(int64_t qtype) {
 // Element of the block that lane-order byte j of code vector v holds, and its row.
 inline int x4_element(int v, int j) { return 4 * (2 * v + j / 16) + j % 4; }
 inline int x4_row(int j) { return (j / 4) % 4; }
+// Q4_K: element of the super-block that byte b of code vector v of pair p holds (row x4_row(b)).
+inline int x4k_element(int p, int v, int b) { return 32 * (p + 4 * (b / 16)) + 4 * v + b % 4; }
 
 // rows: n_rows raw GGUF rows of nb blocks (row_bytes apart); out: ceil(n_rows / 4) groups.
 void pack_x4(int64_t qtype, const uint8_t* rows, size_t row_bytes, int64_t n_rows, int nb, uint8_t* out);
@@ -57,9 +89,11 @@ void pack_x4(int64_t qtype, const uint8_t* rows, size_t row_bytes, int64_t n_row
 void unpack_x4(int64_t qtype, const uint8_t* packed, int64_t n_rows, int nb, uint8_t* rows);
 // Activation row (BlockQ8A blocks) -> lane-order BlockQ8AX4 blocks.
 void expand_act_x4(const void* q8a, int nb, void* out);
+// Activation row (BlockQ8K super-blocks) -> BlockQ8KX4 super-blocks.
+void expand_act_kx4(const void* q8k, int nb, void* out);
 
 // y[4g + r] = dot(row 4g + r, act) for the groups [0, ngroups) starting at w (group_stride
-// bytes apart); act = BlockQ8AX4 blocks. Out = float (Fast) or double (Exact).
+// bytes apart); act = BlockQ8AX4 (BlockQ8KX4 for Q4_K) blocks. Out = float (Fast) or double (Exact).
 using RowsX4Fn = void (*)(int nb, const uint8_t* w, size_t group_stride, int ngroups, const void* act, float* y);
 using RowsX4ExactFn = void (*)(int nb, const uint8_t* w, size_t group_stride, int ngroups, const void* act,
                                double* y);

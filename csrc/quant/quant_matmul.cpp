@@ -67,6 +67,8 @@ void prepare_rows(const at::Tensor& x, int64_t m0, int64_t m1, ActKind kind, con
             k.quantize_q8k(xr, K, act + m * act_bytes);
         } else if (kind == ActKind::kQ8AX4) {
             k.quantize_q8ax4(xr, K, act + m * act_bytes);
+        } else if (kind == ActKind::kQ8KX4) {
+            k.quantize_q8kx4(xr, K, act + m * act_bytes);
         }
     }
 }
@@ -191,7 +193,7 @@ at::Tensor run_quant_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qt
 const TypeInfo* check_x4_type(const char* op, int64_t qtype) {
     const TypeInfo* ti = quant::type_info(qtype);
     TORCH_CHECK(ti != nullptr && quant::x4_group_bytes(qtype) > 0, op, ": GGML type id ", qtype,
-                " has no x4 layout (Q4_0=2, Q5_0=6 and Q8_0=8 do)");
+                " has no x4 layout (Q4_0=2, Q5_0=6, Q8_0=8 and Q4_K=12 do)");
     return ti;
 }
 
@@ -227,7 +229,7 @@ at::Tensor run_quant_matmul_x4(const at::Tensor& x, const at::Tensor& wp, int64_
     const int nb = int(K / ti->block_elems);
     const size_t gstride = size_t(wp.size(1)), row_bytes = size_t(nb) * ti->block_bytes;
 
-    const ActKind act_kind = reference ? ActKind::kQ8A : ActKind::kQ8AX4;
+    const ActKind act_kind = reference ? ti->act : quant::x4_act_kind(ti->act);
     const size_t act_bytes = quant::act_row_bytes(act_kind, K);
     const uint8_t* act = prepare_activation(x, act_kind, k);
 
