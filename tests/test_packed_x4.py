@@ -1,7 +1,8 @@
-"""The x4 weight layout (csrc/quant/packed_x4.h) and its ops (Q4_0, Q5_0, Q8_0, Q4_K), against the same oracle as
-the row layout (tests/test_quant_ops.py: gguf dequantize + float64 matmul, with the bound
-of the activation's 8-bit rounding), plus the properties tensor parallelism relies on:
-lossless packing, results independent of row grouping, threads and K splits."""
+"""The x4 weight layout (csrc/quant/packed_x4.h) and its ops (Q4_0, Q5_0, Q8_0, Q4_K,
+Q6_K), against the same oracle as the row layout (tests/test_quant_ops.py: gguf dequantize
++ float64 matmul, with the bound of the activation's 8-bit rounding), plus the properties
+tensor parallelism relies on: lossless packing, results independent of row grouping,
+threads and K splits."""
 from __future__ import annotations
 
 import numpy as np
@@ -13,7 +14,7 @@ from tp_numa import ops
 
 from test_quant_ops import check, make_weight
 
-X4_TYPES = [T.Q4_0, T.Q5_0, T.Q8_0, T.Q4_K]
+X4_TYPES = [T.Q4_0, T.Q5_0, T.Q8_0, T.Q4_K, T.Q6_K]
 ISAS = ["scalar", "auto"]
 
 
@@ -47,7 +48,7 @@ def test_pack_roundtrip_is_lossless(qtype):
 @pytest.mark.parametrize("m", [1, 7, 64, 512])
 @pytest.mark.parametrize("qtype", X4_TYPES, ids=lambda t: t.name)
 def test_x4_matches_oracle(qtype, m, isa):
-    for i, nb in enumerate([1, 2, 7 if qtype == T.Q4_K else 28]):
+    for i, nb in enumerate([1, 2, 7 if block(qtype) == 256 else 28]):
         k = nb * block(qtype)
         for n in ((1, 16, 33) if m < 512 else (37,)):
             check(qtype, m, n + i, k, isa, packed=True)
@@ -62,7 +63,7 @@ def test_x4_bfloat16_activations():
 def test_x4_close_to_row_layout(qtype):
     """Same integer sums as quant_matmul; only the fp32 summation order differs."""
     rng = np.random.default_rng(3 + int(qtype))
-    k = 7 * 256 if qtype == T.Q4_K else 896
+    k = 7 * 256 if block(qtype) == 256 else 896
     raw, w = make_weight(qtype, 67, k, rng)
     wt = torch.from_numpy(raw)
     wp = ops.pack_x4(wt, int(qtype))
@@ -80,7 +81,7 @@ def test_x4_row_result_independent_of_grouping(qtype, exact):
     position (or in the padded last group) depending on tp: its result must not change."""
     fn = ops.quant_matmul_x4_exact if exact else ops.quant_matmul_x4
     rng = np.random.default_rng(50 + int(qtype))
-    k = 2 * block(qtype) if qtype == T.Q4_K else 256
+    k = 2 * block(qtype) if block(qtype) == 256 else 256
     raw, _ = make_weight(qtype, 23, k, rng)
     wt = torch.from_numpy(raw)
     x = torch.from_numpy(rng.standard_normal((6, k)).astype(np.float32))
@@ -110,7 +111,7 @@ def test_x4_exact_is_split_invariant(qtype):
             assert torch.equal(total.float(), full), f"{qtype.name} M={m} cuts {cuts}"
 
 
-@pytest.mark.parametrize("qtype", [T.Q5_0, T.Q4_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q5_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
 def test_x4_threads_give_same_result(qtype):
     rng = np.random.default_rng(9)
     raw, _ = make_weight(qtype, 301, 512, rng)
@@ -128,7 +129,7 @@ def test_x4_threads_give_same_result(qtype):
 
 
 @pytest.mark.parametrize("bad, message", [
-    (lambda x, w: ops.pack_x4(w, int(T.Q6_K)), "type id 14 has no x4 layout"),
+    (lambda x, w: ops.pack_x4(w, int(T.Q5_K)), "type id 13 has no x4 layout"),
     (lambda x, w: ops.pack_x4(w[:, :30].contiguous(), 8), "not whole Q8_0 blocks"),
     (lambda x, w: ops.quant_matmul_x4(x, ops.pack_x4(w, 8), 8, 9), r"must be \[3, 272\]"),
     (lambda x, w: ops.quant_matmul_x4(x, ops.pack_x4(w, 8), 6, 5), "Q5_0 weight of n=5"),
@@ -144,7 +145,7 @@ def test_x4_bad_inputs_raise(bad, message):
         bad(x, w)
 
 
-@pytest.mark.parametrize("qtype", [T.Q5_0, T.Q4_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q5_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
 @pytest.mark.parametrize("op", ["quant_matmul_x4", "quant_matmul_x4_exact"])
 def test_x4_opcheck(op, qtype):
     rng = np.random.default_rng(11)
@@ -167,6 +168,7 @@ def test_which_weights_are_repacked(monkeypatch):
     assert x4_pays(int(T.Q8_0), 34 * 28)            # 896-wide: x4 is faster
     assert not x4_pays(int(T.Q8_0), 34 * 128)       # 4096-wide: the row layout's 4-row GEMV is
     assert x4_pays(int(T.Q4_K), 144 * 16)           # 4 rows' scales in one vpmaddwd
-    assert not x4_pays(int(T.Q6_K), 210 * 16)       # no x4 layout
+    assert x4_pays(int(T.Q6_K), 210 * 16)
+    assert not x4_pays(int(T.Q5_K), 176 * 16)       # no x4 layout
     monkeypatch.setenv("TP_NUMA_X4", "0")
     assert not x4_pays(int(T.Q5_0), 22 * 128)

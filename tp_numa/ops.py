@@ -113,8 +113,8 @@ def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
     return torch.ops.tp_numa.quantize_q8_0(x)
 
 
-# GGML types with an x4 layout (csrc/quant/packed_x4.h): Q4_0, Q5_0, Q8_0, Q4_K.
-X4_QTYPES: tuple[int, ...] = (2, 6, 8, 12)
+# GGML types with an x4 layout (csrc/quant/packed_x4.h): Q4_0, Q5_0, Q8_0, Q4_K, Q6_K.
+X4_QTYPES: tuple[int, ...] = (2, 6, 8, 12, 14)
 
 
 def pack_x4(w: torch.Tensor, qtype: int) -> torch.Tensor:

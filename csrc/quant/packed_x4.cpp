@@ -105,7 +105,7 @@ int x4k_mn_index(int r, int j) {
     return 16 * q + 2 * L + t;
 }
 
-void pack_group_q4k(const BlockQ4_K* blk[4], uint8_t* p) {
+void pack_group_q4k(const BlockQ4_K* const* blk, uint8_t* p) {
     uint8_t code[4][QK_K] = {}, SC[32] = {}, MN[32] = {};
     uint16_t d[4] = {0, 0, 0, 0}, dmin[4] = {0, 0, 0, 0};
     for (int r = 0; r < 4; ++r) {
@@ -129,7 +129,7 @@ void pack_group_q4k(const BlockQ4_K* blk[4], uint8_t* p) {
             }
 }
 
-void unpack_group_q4k(const uint8_t* p, BlockQ4_K* blk[4]) {
+void unpack_group_q4k(const uint8_t* p, BlockQ4_K* const* blk) {
     uint8_t SC[32], MN[32];
     for (int i = 0; i < 32; ++i) {
         const int c = i % 16, h = i / 16;
@@ -157,19 +157,101 @@ void unpack_group_q4k(const uint8_t* p, BlockQ4_K* blk[4]) {
     }
 }
 
+// ---- Q6_K (packed_x4.h): 4 super-blocks per group block ----
+
+constexpr int kX4Q6Header = 72;  // d[4], sc[4][16]
+
+// A Q6_K block's 256 unsigned codes (0..63) in element order, and back.
+void q6k_codes(const BlockQ6_K& b, uint8_t code[QK_K]) {
+    for (int e = 0; e < QK_K; ++e) {
+        const int n = e / 128, quarter = (e % 128) / 32, l = e % 32;
+        const uint8_t ql = b.ql[64 * n + l + 32 * (quarter & 1)];
+        const int lo = quarter >= 2 ? ql >> 4 : ql & 15;
+        code[e] = uint8_t(lo | ((b.qh[32 * n + l] >> (2 * quarter)) & 3) << 4);
+    }
+}
+
+void set_q6k_codes(const uint8_t code[QK_K], BlockQ6_K& b) {
+    std::memset(b.ql, 0, sizeof(b.ql));
+    std::memset(b.qh, 0, sizeof(b.qh));
+    for (int e = 0; e < QK_K; ++e) {
+        const int n = e / 128, quarter = (e % 128) / 32, l = e % 32;
+        b.ql[64 * n + l + 32 * (quarter & 1)] |= uint8_t((code[e] & 15) << (quarter >= 2 ? 4 : 0));
+        b.qh[32 * n + l] |= uint8_t((code[e] >> 4) << (2 * quarter));
+    }
+}
+
+// Byte position of row r's scale of 16-element sub-block s in sc[4][16].
+int x4q6_sc_index(int r, int s) {
+    const int h = s / 8, p = (s % 8) / 2, t = s % 2;
+    return 16 * p + 8 * h + 2 * r + t;
+}
+
+void pack_group_q6k(const BlockQ6_K* const* blk, uint8_t* p) {
+    uint8_t code[4][QK_K] = {};
+    uint16_t d[4] = {0, 0, 0, 0};
+    std::memset(p, 0, kX4Q6Header);
+    for (int r = 0; r < 4; ++r) {
+        if (blk[r] == nullptr) continue;  // padding row: d = 0, codes and scales 0
+        d[r] = blk[r]->d;
+        q6k_codes(*blk[r], code[r]);
+        for (int s = 0; s < 16; ++s) p[8 + x4q6_sc_index(r, s)] = uint8_t(blk[r]->scales[s]);
+    }
+    std::memcpy(p, d, 8);
+    for (int pr = 0; pr < 4; ++pr) {
+        uint8_t* q = p + kX4Q6Header + 192 * pr;
+        for (int b = 0; b < 32; ++b) {
+            const int r = x4_row(b);
+            uint8_t c[8];
+            for (int v = 0; v < 8; ++v) c[v] = code[r][x4k_element(pr, v, b)];
+            for (int m = 0; m < 4; ++m) q[32 * m + b] = uint8_t((c[2 * m] & 15) | (c[2 * m + 1] & 15) << 4);
+            for (int n = 0; n < 2; ++n) {
+                uint8_t hb = 0;
+                for (int k = 0; k < 4; ++k) hb |= uint8_t((c[4 * n + k] >> 4) << (2 * k));
+                q[128 + 32 * n + b] = hb;
+            }
+        }
+    }
+}
+
+void unpack_group_q6k(const uint8_t* p, BlockQ6_K* const* blk) {
+    for (int r = 0; r < 4; ++r) {
+        if (blk[r] == nullptr) continue;
+        std::memcpy(&blk[r]->d, p + 2 * r, 2);
+        for (int s = 0; s < 16; ++s) blk[r]->scales[s] = int8_t(p[8 + x4q6_sc_index(r, s)]);
+        uint8_t code[QK_K];
+        for (int pr = 0; pr < 4; ++pr) {
+            const uint8_t* q = p + kX4Q6Header + 192 * pr;
+            for (int b = 0; b < 32; ++b) {
+                if (x4_row(b) != r) continue;
+                for (int v = 0; v < 8; ++v) {
+                    const uint8_t lo = q[32 * (v / 2) + b];
+                    const uint8_t hi = q[128 + 32 * (v / 4) + b];
+                    code[x4k_element(pr, v, b)] =
+                        uint8_t((v % 2 ? lo >> 4 : lo & 15) | ((hi >> (2 * (v % 4))) & 3) << 4);
+                }
+            }
+        }
+        set_q6k_codes(code, *blk[r]);
+    }
+}
+
 }  // namespace
 
 void pack_x4(int64_t qtype, const uint8_t* rows, size_t row_bytes, int64_t n_rows, int nb, uint8_t* out) {
     const int bb = row_block_bytes(qtype), gb = x4_group_bytes(qtype);
-    if (qtype == kQ4_K) {
+    if (qtype == kQ4_K || qtype == kQ6_K) {
         for (int64_t g = 0; g < (n_rows + 3) / 4; ++g)
             for (int i = 0; i < nb; ++i) {
-                const BlockQ4_K* blk[4];
+                const uint8_t* blk[4];
                 for (int r = 0; r < 4; ++r)
-                    blk[r] = 4 * g + r < n_rows
-                                 ? reinterpret_cast<const BlockQ4_K*>(rows + size_t(4 * g + r) * row_bytes) + i
-                                 : nullptr;
-                pack_group_q4k(blk, out + (size_t(g) * nb + i) * gb);
+                    blk[r] = 4 * g + r < n_rows ? rows + size_t(4 * g + r) * row_bytes + size_t(i) * bb : nullptr;
+                uint8_t* p = out + (size_t(g) * nb + i) * gb;
+                if (qtype == kQ4_K) {
+                    pack_group_q4k(reinterpret_cast<const BlockQ4_K* const*>(blk), p);
+                } else {
+                    pack_group_q6k(reinterpret_cast<const BlockQ6_K* const*>(blk), p);
+                }
             }
         return;
     }
@@ -199,14 +281,18 @@ void unpack_x4(int64_t qtype, const uint8_t* packed, int64_t n_rows, int nb, uin
     const int bb = row_block_bytes(qtype), gb = x4_group_bytes(qtype);
     const size_t row_bytes = size_t(nb) * bb;
     const int64_t ngroups = (n_rows + 3) / 4;
-    if (qtype == kQ4_K) {
+    if (qtype == kQ4_K || qtype == kQ6_K) {
         for (int64_t g = 0; g < ngroups; ++g)
             for (int i = 0; i < nb; ++i) {
-                BlockQ4_K* blk[4];
+                uint8_t* blk[4];
                 for (int r = 0; r < 4; ++r)
-                    blk[r] = 4 * g + r < n_rows ? reinterpret_cast<BlockQ4_K*>(rows + size_t(4 * g + r) * row_bytes) + i
-                                                : nullptr;
-                unpack_group_q4k(packed + (size_t(g) * nb + i) * gb, blk);
+                    blk[r] = 4 * g + r < n_rows ? rows + size_t(4 * g + r) * row_bytes + size_t(i) * bb : nullptr;
+                const uint8_t* p = packed + (size_t(g) * nb + i) * gb;
+                if (qtype == kQ4_K) {
+                    unpack_group_q4k(p, reinterpret_cast<BlockQ4_K* const*>(blk));
+                } else {
+                    unpack_group_q6k(p, reinterpret_cast<BlockQ6_K* const*>(blk));
+                }
             }
         return;
     }
@@ -255,6 +341,10 @@ void expand_act_kx4(const void* q8k, int nb, void* out) {
                     const int j = 4 * q + 2 * (L / 4) + t;
                     o[i].bsum[q][2 * L + t] = int16_t(a[i].bsums[2 * j] + a[i].bsums[2 * j + 1]);
                 }
+        for (int p = 0; p < 4; ++p)
+            for (int h = 0; h < 2; ++h)
+                for (int r = 0; r < 4; ++r)
+                    for (int t = 0; t < 2; ++t) o[i].bsum16[p][8 * h + 2 * r + t] = a[i].bsums[8 * h + 2 * p + t];
         for (int p = 0; p < 4; ++p)
             for (int v = 0; v < 8; ++v)
                 for (int b = 0; b < QK; ++b) o[i].qs[p][v][b] = a[i].qs[x4k_element(p, v, b)];

@@ -1,6 +1,6 @@
 // The "x4" weight layout: four GGUF rows interleaved block by block, made once at load
 // time for the types whose GEMV is compute-bound in the row layout (Q4_0, Q5_0, Q8_0,
-// Q4_K). Same bytes per weight as GGUF (a group block is 4 row blocks), no float copy.
+// Q4_K, Q6_K). Same bytes per weight as GGUF (a group block is 4 row blocks), no float copy.
 //
 // Rows 4g..4g+3 form group g (the last group of N % 4 != 0 rows is padded with zero
 // blocks, whose scale d = 0 makes them contribute nothing). A packed weight is uint8
@@ -44,6 +44,19 @@
 // high bits to bit 4). The 8 vpmaddubsw of a pair sum in int16 without overflow (codes
 // <= 15, |a| <= 127: 8 * 2 * 15 * 127 = 30480).
 //
+// Q6_K (4 super-blocks, 840 bytes) uses Q4_K's code-vector order, in which vectors 4t..4t+3
+// of pair p hold the 16-element sub-blocks g = 2p + t (low half) and g + 8 (high half):
+//   d[4]           f16 of rows 0..3                                             8 bytes
+//   sc[4][16]      int8: sc[p][8h + 2r + t] = scale of row r, sub-block 8h + 2p + t: the
+//                  vpmovsxbw of sc[p] times the activation's 16-element sums
+//                  (BlockQ8KX4::bsum16) gives each row's "32 * sum sc * bsum" term in its
+//                  lanes, and one vpshufb of it per t is the scale vector of sub-block
+//                  pair g                                                       64 bytes
+//   qs[4][192]     pair p: lo[4][32] (half-vector m: code[2m] | code[2m+1] << 4, low 4
+//                  bits), hi[2][32] (byte b of hi[n]: bits 4..5 of code[4n + k][b] at bits
+//                  2k..2k+1); the unsigned code u = q + 32 in 0..63               768 bytes
+// Two vpmaddubsw sum in int16 (2 * 2 * 63 * 127 = 32004) before each vpmaddwd.
+//
 // The arithmetic for a row depends only on that row (each lane sees one row), so results
 // do not depend on how rows are grouped, split over threads or over tp ranks.
 #pragma once
@@ -59,12 +72,13 @@ namespace tp_numa::quant {
 struct BlockQ8AX4 { float d; float s; int8_t qs[4][QK]; };
 static_assert(sizeof(BlockQ8AX4) == 136, "Q8AX4 block");
 
-// Activation super-block for the Q4_K x4 kernel: BlockQ8K's values in the Q4_K lane order,
+// Activation super-block for the Q4_K and Q6_K x4 kernels: BlockQ8K's values in the Q4_K lane order,
 // qs[p][v][16h + c] = a[32 (p + 4h) + 4v + c % 4], and the 32-element sub-block sums
 // bsum32[j] = bsums[2j] + bsums[2j + 1] arranged as the MN bytes:
 // bsum[q][2L + t] = bsum32[4q + 2(L / 4) + t].
-struct BlockQ8KX4 { float d; int16_t bsum[2][16]; int8_t qs[4][8][QK]; };
-static_assert(sizeof(BlockQ8KX4) == 1092, "Q8KX4 block");
+// For Q6_K, bsum16[p][8h + 2r + t] = bsums[8h + 2p + t] (the same for every r).
+struct BlockQ8KX4 { float d; int16_t bsum[2][16]; int16_t bsum16[4][16]; int8_t qs[4][8][QK]; };
+static_assert(sizeof(BlockQ8KX4) == 1220, "Q8KX4 block");
 
 // Bytes of one group block (4 row blocks) of a packable type; 0 if the type has no x4 form.
 inline int x4_group_bytes(int64_t qtype) {
@@ -73,6 +87,7 @@ inline int x4_group_bytes(int64_t qtype) {
         case kQ5_0: return 4 * 22;
         case kQ8_0: return 4 * 34;
         case kQ4_K: return 4 * 144;
+        case kQ6_K: return 4 * 210;
         default: return 0;
     }
 }
@@ -80,7 +95,8 @@ inline int x4_group_bytes(int64_t qtype) {
 // Element of the block that lane-order byte j of code vector v holds, and its row.
 inline int x4_element(int v, int j) { return 4 * (2 * v + j / 16) + j % 4; }
 inline int x4_row(int j) { return (j / 4) % 4; }
-// Q4_K: element of the super-block that byte b of code vector v of pair p holds (row x4_row(b)).
+// Q4_K / Q6_K: element of the super-block that byte b of code vector v of pair p holds
+// (row x4_row(b)).
 inline int x4k_element(int p, int v, int b) { return 32 * (p + 4 * (b / 16)) + 4 * v + b % 4; }
 
 // rows: n_rows raw GGUF rows of nb blocks (row_bytes apart); out: ceil(n_rows / 4) groups.

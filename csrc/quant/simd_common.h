@@ -118,6 +118,10 @@ inline void quantize_q8kx4(const float* x, int64_t K, void* out) {
         for (int q = 0; q < 2; ++q)
             for (int L = 0; L < 8; ++L)
                 for (int t = 0; t < 2; ++t) o[i].bsum[q][2 * L + t] = s32[4 * q + 2 * (L / 4) + t];
+        for (int p = 0; p < 4; ++p)
+            for (int h = 0; h < 2; ++h)
+                for (int r = 0; r < 4; ++r)
+                    for (int t = 0; t < 2; ++t) o[i].bsum16[p][8 * h + 2 * r + t] = b.bsums[8 * h + 2 * p + t];
         for (int p = 0; p < 4; ++p) {
             const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.qs + 32 * p));
             const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.qs + 32 * (p + 4)));
