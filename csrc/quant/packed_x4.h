@@ -72,9 +72,9 @@ namespace tp_numa::quant {
 struct BlockQ8AX4 { float d; float s; int8_t qs[4][QK]; };
 static_assert(sizeof(BlockQ8AX4) == 136, "Q8AX4 block");
 
-// Activation super-block for the Q4_K and Q6_K x4 kernels: BlockQ8K's values in the Q4_K lane order,
-// qs[p][v][16h + c] = a[32 (p + 4h) + 4v + c % 4], and the 32-element sub-block sums
-// bsum32[j] = bsums[2j] + bsums[2j + 1] arranged as the MN bytes:
+// Activation super-block for the Q4_K and Q6_K x4 kernels: BlockQ8K's values in the Q4_K
+// lane order, qs[p][v][16h + c] = a[32 (p + 4h) + 4v + c % 4], and the 32-element sub-block
+// sums bsum32[j] = bsums[2j] + bsums[2j + 1] arranged as the MN bytes:
 // bsum[q][2L + t] = bsum32[4q + 2(L / 4) + t].
 // For Q6_K, bsum16[p][8h + 2r + t] = bsums[8h + 2p + t] (the same for every r).
 struct BlockQ8KX4 { float d; int16_t bsum[2][16]; int16_t bsum16[4][16]; int8_t qs[4][8][QK]; };

@@ -6,11 +6,11 @@ GGUF weights stay in their block format: a ``[N, K]`` weight is ``uint8 [N, row_
 raw rows, and the native op ``tp_numa.ops.quant_matmul`` multiplies on the blocks
 (F32/F16/BF16 rows go through the same op).
 
-Q4_0, Q5_0, Q8_0 and Q4_K weights of the decoder layers and of the LM head (a tied head through
-its embedding, ``VocabParallelEmbedding.repack_x4``) are repacked
-once at load time into the x4 layout (``tp_numa.ops.pack_x4``: four rows interleaved
-block by block, same bytes): their GEMV is compute-bound in the row layout and runs 1.3-1.7x
-faster packed (Q4_K: about 1.6x in cache). ``TP_NUMA_X4=0`` keeps the raw rows (for A/B benchmarks).
+Q4_0, Q5_0, Q8_0, Q4_K and Q6_K weights of the decoder layers and of the LM head (a tied
+head through its embedding, ``VocabParallelEmbedding.repack_x4``) are repacked once at load
+time into the x4 layout (``tp_numa.ops.pack_x4``: four rows interleaved block by block, same
+bytes): their GEMV is compute-bound in the row layout and runs 1.3-1.7x faster packed
+(in cache). ``TP_NUMA_X4=0`` keeps the raw rows (for A/B benchmarks).
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ class GGUFLinearMethod(LinearMethodBase):
 
 
 class X4LinearMethod(LinearMethodBase):
-    """Q4_0/Q5_0/Q8_0/Q4_K rows repacked once into the x4 layout (``ops.pack_x4``):
+    """Q4_0/Q5_0/Q8_0/Q4_K/Q6_K rows repacked once into the x4 layout (``ops.pack_x4``):
     ``y[M, N] = quant_matmul_x4(x[M, K], packed, qtype, N)``."""
 
     def create_weights(self, layer: nn.Module, name: str, rows: torch.Tensor, qtype: int) -> None:
