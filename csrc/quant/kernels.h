@@ -15,9 +15,9 @@
 
 namespace tp_numa::quant {
 
-// kQ8AX4 / kQ8KX4: kQ8A's / kQ8K's values in the x4 layout's lane order (BlockQ8AX4 /
-// BlockQ8KX4, packed_x4.h).
-enum class ActKind { kFloat, kQ8A, kQ8K, kQ8AX4, kQ8KX4 };
+// kQ8AX4 / kQ8KX4 / kQ8KX4L: kQ8A's / kQ8K's values for the x4 kernels (BlockQ8AX4,
+// BlockQ8KX4 for the GEMV, BlockQ8KX4L for prefill; packed_x4.h).
+enum class ActKind { kFloat, kQ8A, kQ8K, kQ8AX4, kQ8KX4, kQ8KX4L };
 
 struct TypeInfo {
     const char* name;
@@ -67,13 +67,16 @@ inline size_t act_row_bytes(ActKind kind, int64_t K) {
         case ActKind::kQ8K: return size_t(K / QK_K) * sizeof(BlockQ8K);
         case ActKind::kQ8AX4: return size_t(K / QK) * sizeof(BlockQ8AX4);
         case ActKind::kQ8KX4: return size_t(K / QK_K) * sizeof(BlockQ8KX4);
+        case ActKind::kQ8KX4L: return size_t(K / QK_K) * sizeof(BlockQ8KX4L);
     }
     return 0;
 }
 
-// The activation form of the x4 kernels for a type whose row kernels take `row_kind`.
-inline ActKind x4_act_kind(ActKind row_kind) {
-    return row_kind == ActKind::kQ8K ? ActKind::kQ8KX4 : ActKind::kQ8AX4;
+// The activation form of the x4 kernels for a type whose row kernels take `row_kind`, for
+// M activation rows (the GEMV and the prefill micro-kernels of the K-quants differ).
+inline ActKind x4_act_kind(ActKind row_kind, int64_t M) {
+    if (row_kind != ActKind::kQ8K) return ActKind::kQ8AX4;
+    return M >= 2 ? ActKind::kQ8KX4L : ActKind::kQ8KX4;
 }
 
 // y[r] = dot(w + r * w_stride, act) for r in [0, nrows); nb = blocks per row (for float
@@ -109,7 +112,8 @@ struct Kernels {
     QuantizeFn quantize_q8a;
     QuantizeFn quantize_q8ax4;  // quantize_q8a's blocks, written in lane order
     QuantizeFn quantize_q8k;
-    QuantizeFn quantize_q8kx4;  // quantize_q8k's blocks, written as BlockQ8KX4
+    QuantizeFn quantize_q8kx4;   // quantize_q8k's blocks, written as BlockQ8KX4
+    QuantizeFn quantize_q8kx4l;  // ... as BlockQ8KX4L
 };
 
 const Kernels& scalar_kernels();

@@ -334,17 +334,16 @@ void expand_act_kx4(const void* q8k, int nb, void* out) {
     const auto* a = static_cast<const BlockQ8K*>(q8k);
     auto* o = static_cast<BlockQ8KX4*>(out);
     for (int i = 0; i < nb; ++i) {
-        o[i].d = a[i].d;
-        for (int q = 0; q < 2; ++q)
-            for (int L = 0; L < 8; ++L)
-                for (int t = 0; t < 2; ++t) {
-                    const int j = 4 * q + 2 * (L / 4) + t;
-                    o[i].bsum[q][2 * L + t] = int16_t(a[i].bsums[2 * j] + a[i].bsums[2 * j + 1]);
-                }
-        for (int p = 0; p < 4; ++p)
-            for (int h = 0; h < 2; ++h)
-                for (int r = 0; r < 4; ++r)
-                    for (int t = 0; t < 2; ++t) o[i].bsum16[p][8 * h + 2 * r + t] = a[i].bsums[8 * h + 2 * p + t];
+        kx4_sums(a[i], o[i]);
+        std::memcpy(o[i].qs, a[i].qs, QK_K);
+    }
+}
+
+void expand_act_kx4l(const void* q8k, int nb, void* out) {
+    const auto* a = static_cast<const BlockQ8K*>(q8k);
+    auto* o = static_cast<BlockQ8KX4L*>(out);
+    for (int i = 0; i < nb; ++i) {
+        kx4_sums(a[i], o[i]);
         for (int p = 0; p < 4; ++p)
             for (int v = 0; v < 8; ++v)
                 for (int b = 0; b < QK; ++b) o[i].qs[p][v][b] = a[i].qs[x4k_element(p, v, b)];

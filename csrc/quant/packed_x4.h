@@ -72,13 +72,25 @@ namespace tp_numa::quant {
 struct BlockQ8AX4 { float d; float s; int8_t qs[4][QK]; };
 static_assert(sizeof(BlockQ8AX4) == 136, "Q8AX4 block");
 
-// Activation super-block for the Q4_K and Q6_K x4 kernels: BlockQ8K's values in the Q4_K
-// lane order, qs[p][v][16h + c] = a[32 (p + 4h) + 4v + c % 4], and the 32-element sub-block
-// sums bsum32[j] = bsums[2j] + bsums[2j + 1] arranged as the MN bytes:
-// bsum[q][2L + t] = bsum32[4q + 2(L / 4) + t].
-// For Q6_K, bsum16[p][8h + 2r + t] = bsums[8h + 2p + t] (the same for every r).
-struct BlockQ8KX4 { float d; int16_t bsum[2][16]; int16_t bsum16[4][16]; int8_t qs[4][8][QK]; };
-static_assert(sizeof(BlockQ8KX4) == 1220, "Q8KX4 block");
+// Activation super-block for the Q4_K and Q6_K x4 kernels: BlockQ8K's d and values (qs,
+// element order), and its sub-block sums arranged for the kernels: the 32-element sums
+// bsum32[j] = bsums[2j] + bsums[2j + 1] as the MN bytes, bsum[q][2L + t] =
+// bsum32[4q + 2(L / 4) + t], and for Q6_K bsum16[p][8h + 2r + t] = bsums[8h + 2p + t] (the
+// same for every r). The kernels build lane-order vector v of pair p (bytes
+// a[32 (p + 4h) + 4v + c % 4]) from two dword broadcast loads (dwords 8p + v and
+// 8p + 32 + v of qs) and one vpblendd: a compact row (452 bytes per 256 elements instead
+// of 4 x 256 expanded bytes) keeps a K = 4096 activation at 7 KiB, in L1 next to the
+// weight stream (the expanded form, 19.5 KiB, streamed 12-17 % slower from DRAM at
+// K = 4096-8192).
+struct BlockQ8KX4 { float d; int16_t bsum[2][16]; int16_t bsum16[4][16]; int8_t qs[QK_K]; };
+static_assert(sizeof(BlockQ8KX4) == 452, "Q8KX4 block");
+
+// The prefill (M >= 2) form: the same sums, and the values already in lane order,
+// qs[p][v][16h + c] = a[32 (p + 4h) + 4v + c % 4] (1220 bytes). The micro-kernels reuse a
+// group block for several activation rows and are compute-bound: loading prepared vectors
+// beats rebuilding them per group (Q6_K GEMM M=512: 100 against 81 GFLOP/s).
+struct BlockQ8KX4L { float d; int16_t bsum[2][16]; int16_t bsum16[4][16]; int8_t qs[4][8][QK]; };
+static_assert(sizeof(BlockQ8KX4L) == 1220, "Q8KX4L block");
 
 // Bytes of one group block (4 row blocks) of a packable type; 0 if the type has no x4 form.
 inline int x4_group_bytes(int64_t qtype) {
@@ -105,15 +117,33 @@ void pack_x4(int64_t qtype, const uint8_t* rows, size_t row_bytes, int64_t n_row
 void unpack_x4(int64_t qtype, const uint8_t* packed, int64_t n_rows, int nb, uint8_t* rows);
 // Activation row (BlockQ8A blocks) -> lane-order BlockQ8AX4 blocks.
 void expand_act_x4(const void* q8a, int nb, void* out);
-// Activation row (BlockQ8K super-blocks) -> BlockQ8KX4 super-blocks.
+// The sub-block sums both K-quant activation forms carry (and d), from a BlockQ8K.
+template <class Out>
+inline void kx4_sums(const BlockQ8K& a, Out& o) {
+    o.d = a.d;
+    for (int q = 0; q < 2; ++q)
+        for (int L = 0; L < 8; ++L)
+            for (int t = 0; t < 2; ++t) {
+                const int j = 4 * q + 2 * (L / 4) + t;
+                o.bsum[q][2 * L + t] = int16_t(a.bsums[2 * j] + a.bsums[2 * j + 1]);
+            }
+    for (int p = 0; p < 4; ++p)
+        for (int h = 0; h < 2; ++h)
+            for (int r = 0; r < 4; ++r)
+                for (int t = 0; t < 2; ++t) o.bsum16[p][8 * h + 2 * r + t] = a.bsums[8 * h + 2 * p + t];
+}
+
+// Activation row (BlockQ8K super-blocks) -> BlockQ8KX4 / BlockQ8KX4L super-blocks.
 void expand_act_kx4(const void* q8k, int nb, void* out);
+void expand_act_kx4l(const void* q8k, int nb, void* out);
 
 // y[4g + r] = dot(row 4g + r, act) for the groups [0, ngroups) starting at w (group_stride
-// bytes apart); act = BlockQ8AX4 (BlockQ8KX4 for Q4_K) blocks. Out = float (Fast) or double (Exact).
+// bytes apart); act = BlockQ8AX4 (BlockQ8KX4 for Q4_K / Q6_K) blocks. Out = float (Fast) or double (Exact).
 using RowsX4Fn = void (*)(int nb, const uint8_t* w, size_t group_stride, int ngroups, const void* act, float* y);
 using RowsX4ExactFn = void (*)(int nb, const uint8_t* w, size_t group_stride, int ngroups, const void* act,
                                double* y);
-// Prefill: y[m * y_stride + 4g + r] for mrows activation rows act + m * act_stride.
+// Prefill: y[m * y_stride + 4g + r] for mrows activation rows act + m * act_stride
+// (BlockQ8AX4, or BlockQ8KX4L for Q4_K / Q6_K).
 using TileX4Fn = void (*)(int nb, const uint8_t* w, size_t group_stride, int ngroups, const uint8_t* act,
                           size_t act_stride, int mrows, float* y, size_t y_stride);
 using TileX4ExactFn = void (*)(int nb, const uint8_t* w, size_t group_stride, int ngroups, const uint8_t* act,

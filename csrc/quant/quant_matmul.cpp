@@ -69,6 +69,8 @@ void prepare_rows(const at::Tensor& x, int64_t m0, int64_t m1, ActKind kind, con
             k.quantize_q8ax4(xr, K, act + m * act_bytes);
         } else if (kind == ActKind::kQ8KX4) {
             k.quantize_q8kx4(xr, K, act + m * act_bytes);
+        } else if (kind == ActKind::kQ8KX4L) {
+            k.quantize_q8kx4l(xr, K, act + m * act_bytes);
         }
     }
 }
@@ -229,7 +231,7 @@ at::Tensor run_quant_matmul_x4(const at::Tensor& x, const at::Tensor& wp, int64_
     const int nb = int(K / ti->block_elems);
     const size_t gstride = size_t(wp.size(1)), row_bytes = size_t(nb) * ti->block_bytes;
 
-    const ActKind act_kind = reference ? ti->act : quant::x4_act_kind(ti->act);
+    const ActKind act_kind = reference ? ti->act : quant::x4_act_kind(ti->act, M);
     const size_t act_bytes = quant::act_row_bytes(act_kind, K);
     const uint8_t* act = prepare_activation(x, act_kind, k);
 

@@ -71,13 +71,14 @@ void quantize_q8k(const float* x, int64_t K, void* out) {
     }
 }
 
-// The same super-blocks as quantize_q8k, in the Q4_K x4 layout's order.
-void quantize_q8kx4(const float* x, int64_t K, void* out) {
-    auto* o = static_cast<BlockQ8KX4*>(out);
+// The same super-blocks as quantize_q8k, as the K-quant x4 kernels take them.
+template <class Out, void (*Expand)(const void*, int, void*)>
+void quantize_q8k_for_x4(const float* x, int64_t K, void* out) {
+    auto* o = static_cast<Out*>(out);
     for (int64_t i = 0; i < K / QK_K; ++i) {
         BlockQ8K b;
         quantize_q8k(x + i * QK_K, QK_K, &b);
-        expand_act_kx4(&b, 1, o + i);
+        Expand(&b, 1, o + i);
     }
 }
 
@@ -335,7 +336,8 @@ Kernels make_scalar() {
     k.rows_exact[kIQ4_XS] = rows<double, dot_iq4_xs<double>>;
     k.quantize_q8a = quantize_q8a;
     k.quantize_q8ax4 = quantize_q8ax4;
-    k.quantize_q8kx4 = quantize_q8kx4;
+    k.quantize_q8kx4 = quantize_q8k_for_x4<BlockQ8KX4, expand_act_kx4>;
+    k.quantize_q8kx4l = quantize_q8k_for_x4<BlockQ8KX4L, expand_act_kx4l>;
     k.quantize_q8k = quantize_q8k;
     return k;
 }

@@ -104,24 +104,26 @@ inline void quantize_q8k(const float* x, int64_t K, void* out) {
     }
 }
 
-// quantize_q8k's super-blocks as BlockQ8KX4 (packed_x4.h): vector v of pair p holds dword
-// v % 4 of the 16-byte half v / 4 of sub-block p (low 128 bits) and of sub-block p + 4
-// (high 128 bits), each repeated over the half's 4 dwords.
+// quantize_q8k's super-blocks as BlockQ8KX4 (packed_x4.h): the values as they are, the
+// sub-block sums rearranged.
 inline void quantize_q8kx4(const float* x, int64_t K, void* out) {
     auto* o = static_cast<BlockQ8KX4*>(out);
     for (int64_t i = 0; i < K / QK_K; ++i, x += QK_K) {
         BlockQ8K b;
         quantize_q8k(x, QK_K, &b);
-        o[i].d = b.d;
-        int16_t s32[8];
-        for (int j = 0; j < 8; ++j) s32[j] = int16_t(b.bsums[2 * j] + b.bsums[2 * j + 1]);
-        for (int q = 0; q < 2; ++q)
-            for (int L = 0; L < 8; ++L)
-                for (int t = 0; t < 2; ++t) o[i].bsum[q][2 * L + t] = s32[4 * q + 2 * (L / 4) + t];
-        for (int p = 0; p < 4; ++p)
-            for (int h = 0; h < 2; ++h)
-                for (int r = 0; r < 4; ++r)
-                    for (int t = 0; t < 2; ++t) o[i].bsum16[p][8 * h + 2 * r + t] = b.bsums[8 * h + 2 * p + t];
+        expand_act_kx4(&b, 1, o + i);
+    }
+}
+
+// ... as BlockQ8KX4L: vector v of pair p holds dword v % 4 of the 16-byte half v / 4 of
+// sub-block p (low 128 bits) and of sub-block p + 4 (high 128 bits), each repeated over the
+// half's 4 dwords.
+inline void quantize_q8kx4l(const float* x, int64_t K, void* out) {
+    auto* o = static_cast<BlockQ8KX4L*>(out);
+    for (int64_t i = 0; i < K / QK_K; ++i, x += QK_K) {
+        BlockQ8K b;
+        quantize_q8k(x, QK_K, &b);
+        kx4_sums(b, o[i]);
         for (int p = 0; p < 4; ++p) {
             const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.qs + 32 * p));
             const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.qs + 32 * (p + 4)));
