@@ -111,6 +111,21 @@ def test_x4_exact_is_split_invariant(qtype):
             assert torch.equal(total.float(), full), f"{qtype.name} M={m} cuts {cuts}"
 
 
+@pytest.mark.parametrize("exact", [False, True], ids=["fast", "exact"])
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+def test_x4_kquant_gemv_equals_prefill_rows(qtype, exact):
+    """The K-quant GEMV (M = 1) reads a compact activation and builds its lane vectors in
+    the kernel; prefill (M >= 2) reads them prepared. Same sums, same order: bitwise."""
+    fn = ops.quant_matmul_x4_exact if exact else ops.quant_matmul_x4
+    rng = np.random.default_rng(70 + int(qtype))
+    raw, _ = make_weight(qtype, 37, 5 * 256, rng)
+    wp = ops.pack_x4(torch.from_numpy(raw), int(qtype))
+    x = torch.from_numpy(rng.standard_normal((9, 5 * 256)).astype(np.float32))
+    batch = fn(x, wp, int(qtype), 37)
+    for m in (0, 4, 8):
+        assert torch.equal(fn(x[m:m + 1], wp, int(qtype), 37), batch[m:m + 1]), f"row {m}"
+
+
 @pytest.mark.parametrize("qtype", [T.Q5_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
 def test_x4_threads_give_same_result(qtype):
     rng = np.random.default_rng(9)
