@@ -45,16 +45,6 @@ void quantize_q8a(const float* x, int64_t K, void* out) {
     }
 }
 
-// The same blocks as quantize_q8a, in the x4 layout's lane order.
-void quantize_q8ax4(const float* x, int64_t K, void* out) {
-    auto* o = static_cast<BlockQ8AX4*>(out);
-    for (int64_t i = 0; i < K / QK; ++i) {
-        BlockQ8A b;
-        quantize_q8a(x + i * QK, QK, &b);
-        expand_act_x4(&b, 1, o + i);
-    }
-}
-
 void quantize_q8k(const float* x, int64_t K, void* out) {
     auto* b = static_cast<BlockQ8K*>(out);
     for (int64_t i = 0; i < K / QK_K; ++i, x += QK_K) {
@@ -71,13 +61,15 @@ void quantize_q8k(const float* x, int64_t K, void* out) {
     }
 }
 
-// The same super-blocks as quantize_q8k, as the K-quant x4 kernels take them.
-template <class Out, void (*Expand)(const void*, int, void*)>
-void quantize_q8k_for_x4(const float* x, int64_t K, void* out) {
+// The blocks of a row quantizer (Quantize: Block, N elements each) in the form an x4
+// kernel takes (Expand: Block -> Out), block by block.
+template <class Block, int N, void (*Quantize)(const float*, int64_t, void*), class Out,
+          void (*Expand)(const void*, int, void*)>
+void quantize_for_x4(const float* x, int64_t K, void* out) {
     auto* o = static_cast<Out*>(out);
-    for (int64_t i = 0; i < K / QK_K; ++i) {
-        BlockQ8K b;
-        quantize_q8k(x + i * QK_K, QK_K, &b);
+    for (int64_t i = 0; i < K / N; ++i) {
+        Block b;
+        Quantize(x + i * N, N, &b);
         Expand(&b, 1, o + i);
     }
 }
@@ -335,9 +327,9 @@ Kernels make_scalar() {
     k.rows[kIQ4_XS] = rows<float, dot_iq4_xs<float>>;
     k.rows_exact[kIQ4_XS] = rows<double, dot_iq4_xs<double>>;
     k.quantize_q8a = quantize_q8a;
-    k.quantize_q8ax4 = quantize_q8ax4;
-    k.quantize_q8kx4 = quantize_q8k_for_x4<BlockQ8KX4, expand_act_kx4>;
-    k.quantize_q8kx4l = quantize_q8k_for_x4<BlockQ8KX4L, expand_act_kx4l>;
+    k.quantize_q8ax4 = quantize_for_x4<BlockQ8A, QK, quantize_q8a, BlockQ8AX4, expand_act_x4>;
+    k.quantize_q8kx4 = quantize_for_x4<BlockQ8K, QK_K, quantize_q8k, BlockQ8KX4, expand_act_kx4>;
+    k.quantize_q8kx4l = quantize_for_x4<BlockQ8K, QK_K, quantize_q8k, BlockQ8KX4L, expand_act_kx4l>;
     k.quantize_q8k = quantize_q8k;
     return k;
 }
