@@ -11,9 +11,9 @@
    ceiling, which must exceed the bandwidth for the GEMV to be memory bound.
 3. GEMM (M = 512, prefill): GFLOP/s (2*M*N*K / t), and the speed-up over M separate GEMV
    calls on the same weight.
-Types named ``<T>x4`` (Q4_0x4, Q5_0x4, Q8_0x4, Q4_Kx4, Q6_Kx4) run the same weights repacked into the x4
-layout (``ops.pack_x4`` + ``ops.quant_matmul_x4``), which is what the engine uses for those
-types; the bandwidth target is checked on them.
+Types named ``<T>x4`` (Q4_0x4, Q5_0x4, Q8_0x4, Q4_Kx4, Q6_Kx4) run the same weights
+repacked into the x4 layout (``ops.pack_x4`` + ``ops.quant_matmul_x4``), which is what the
+engine uses for those types; the bandwidth target is checked on them.
 
 On a shared host a second core can be busy for seconds at a time; ``--rounds N`` repeats
 the whole sweep N times, interleaved, and keeps each cell's best round (as the probe).

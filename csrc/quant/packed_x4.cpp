@@ -236,83 +236,77 @@ void unpack_group_q6k(const uint8_t* p, BlockQ6_K* const* blk) {
     }
 }
 
+// A 32-element type's group block: the 4 row blocks blk[r] (nullptr: padding row, d = 0,
+// codes 0) <-> the group block at p.
+void pack_group_32(int64_t qtype, const uint8_t* const* blk, uint8_t* p) {
+    uint8_t row_code[4][QK] = {};
+    uint16_t d[4] = {0, 0, 0, 0};
+    for (int r = 0; r < 4; ++r) {
+        if (blk[r] == nullptr) continue;
+        std::memcpy(&d[r], blk[r], 2);
+        block_codes(qtype, blk[r], row_code[r]);
+    }
+    uint8_t code[4][QK];
+    for (int v = 0; v < 4; ++v)
+        for (int j = 0; j < QK; ++j) code[v][j] = row_code[x4_row(j)][x4_element(v, j)];
+    std::memcpy(p, d, 8);
+    store_group_codes(qtype, code, p + 8);
+}
+
+void unpack_group_32(int64_t qtype, const uint8_t* p, uint8_t* const* blk) {
+    uint8_t code[4][QK];
+    load_group_codes(qtype, p + 8, code);
+    uint8_t row_code[4][QK];
+    for (int v = 0; v < 4; ++v)
+        for (int j = 0; j < QK; ++j) row_code[x4_row(j)][x4_element(v, j)] = code[v][j];
+    for (int r = 0; r < 4; ++r) {
+        if (blk[r] == nullptr) continue;
+        std::memcpy(blk[r], p + 2 * r, 2);
+        set_block_codes(qtype, row_code[r], blk[r]);
+    }
+}
+
+// Calls fn(group block i of group g, its 4 row blocks) for every group block; a row past
+// n_rows (the padding of the last group) is passed as nullptr.
+template <class Byte, class Fn>
+void for_each_group_block(int64_t n_rows, int nb, size_t row_bytes, int block_bytes, Byte* rows, Fn fn) {
+    for (int64_t g = 0; g < (n_rows + 3) / 4; ++g)
+        for (int i = 0; i < nb; ++i) {
+            Byte* blk[4];
+            for (int r = 0; r < 4; ++r)
+                blk[r] = 4 * g + r < n_rows ? rows + size_t(4 * g + r) * row_bytes + size_t(i) * block_bytes : nullptr;
+            fn(size_t(g) * nb + i, blk);
+        }
+}
+
 }  // namespace
 
 void pack_x4(int64_t qtype, const uint8_t* rows, size_t row_bytes, int64_t n_rows, int nb, uint8_t* out) {
-    const int bb = row_block_bytes(qtype), gb = x4_group_bytes(qtype);
-    if (qtype == kQ4_K || qtype == kQ6_K) {
-        for (int64_t g = 0; g < (n_rows + 3) / 4; ++g)
-            for (int i = 0; i < nb; ++i) {
-                const uint8_t* blk[4];
-                for (int r = 0; r < 4; ++r)
-                    blk[r] = 4 * g + r < n_rows ? rows + size_t(4 * g + r) * row_bytes + size_t(i) * bb : nullptr;
-                uint8_t* p = out + (size_t(g) * nb + i) * gb;
-                if (qtype == kQ4_K) {
-                    pack_group_q4k(reinterpret_cast<const BlockQ4_K* const*>(blk), p);
-                } else {
-                    pack_group_q6k(reinterpret_cast<const BlockQ6_K* const*>(blk), p);
-                }
-            }
-        return;
-    }
-    const int64_t ngroups = (n_rows + 3) / 4;
-    for (int64_t g = 0; g < ngroups; ++g) {
-        for (int i = 0; i < nb; ++i) {
-            uint8_t* p = out + (size_t(g) * nb + i) * gb;
-            uint8_t row_code[4][QK] = {};
-            uint16_t d[4] = {0, 0, 0, 0};
-            for (int r = 0; r < 4; ++r) {
-                const int64_t n = 4 * g + r;
-                if (n >= n_rows) continue;  // padding row: d = 0, codes 0
-                const uint8_t* blk = rows + size_t(n) * row_bytes + size_t(i) * bb;
-                std::memcpy(&d[r], blk, 2);
-                block_codes(qtype, blk, row_code[r]);
-            }
-            uint8_t code[4][QK];
-            for (int v = 0; v < 4; ++v)
-                for (int j = 0; j < QK; ++j) code[v][j] = row_code[x4_row(j)][x4_element(v, j)];
-            std::memcpy(p, d, 8);
-            store_group_codes(qtype, code, p + 8);
+    const int gb = x4_group_bytes(qtype);
+    for_each_group_block(n_rows, nb, row_bytes, row_block_bytes(qtype), rows, [&](size_t gi, const uint8_t** blk) {
+        uint8_t* p = out + gi * gb;
+        if (qtype == kQ4_K) {
+            pack_group_q4k(reinterpret_cast<const BlockQ4_K* const*>(blk), p);
+        } else if (qtype == kQ6_K) {
+            pack_group_q6k(reinterpret_cast<const BlockQ6_K* const*>(blk), p);
+        } else {
+            pack_group_32(qtype, blk, p);
         }
-    }
+    });
 }
 
 void unpack_x4(int64_t qtype, const uint8_t* packed, int64_t n_rows, int nb, uint8_t* rows) {
     const int bb = row_block_bytes(qtype), gb = x4_group_bytes(qtype);
-    const size_t row_bytes = size_t(nb) * bb;
-    const int64_t ngroups = (n_rows + 3) / 4;
-    if (qtype == kQ4_K || qtype == kQ6_K) {
-        for (int64_t g = 0; g < ngroups; ++g)
-            for (int i = 0; i < nb; ++i) {
-                uint8_t* blk[4];
-                for (int r = 0; r < 4; ++r)
-                    blk[r] = 4 * g + r < n_rows ? rows + size_t(4 * g + r) * row_bytes + size_t(i) * bb : nullptr;
-                const uint8_t* p = packed + (size_t(g) * nb + i) * gb;
-                if (qtype == kQ4_K) {
-                    unpack_group_q4k(p, reinterpret_cast<BlockQ4_K* const*>(blk));
-                } else {
-                    unpack_group_q6k(p, reinterpret_cast<BlockQ6_K* const*>(blk));
-                }
-            }
-        return;
-    }
-    for (int64_t g = 0; g < ngroups; ++g) {
-        for (int i = 0; i < nb; ++i) {
-            const uint8_t* p = packed + (size_t(g) * nb + i) * gb;
-            uint8_t code[4][QK];
-            load_group_codes(qtype, p + 8, code);
-            uint8_t row_code[4][QK];
-            for (int v = 0; v < 4; ++v)
-                for (int j = 0; j < QK; ++j) row_code[x4_row(j)][x4_element(v, j)] = code[v][j];
-            for (int r = 0; r < 4; ++r) {
-                const int64_t n = 4 * g + r;
-                if (n >= n_rows) continue;
-                uint8_t* blk = rows + size_t(n) * row_bytes + size_t(i) * bb;
-                std::memcpy(blk, p + 2 * r, 2);
-                set_block_codes(qtype, row_code[r], blk);
-            }
+    for_each_group_block(n_rows, nb, size_t(nb) * bb, bb, rows, [&](size_t gi, uint8_t** blk) {
+        const uint8_t* p = packed + gi * gb;
+        if (qtype == kQ4_K) {
+            unpack_group_q4k(p, reinterpret_cast<BlockQ4_K* const*>(blk));
+        } else if (qtype == kQ6_K) {
+            unpack_group_q6k(p, reinterpret_cast<BlockQ6_K* const*>(blk));
+        } else {
+            unpack_group_32(qtype, p, blk);
         }
-    }
+    });
 }
 
 void expand_act_x4(const void* q8a, int nb, void* out) {
@@ -325,10 +319,6 @@ void expand_act_x4(const void* q8a, int nb, void* out) {
             for (int j = 0; j < QK; ++j) o[i].qs[v][j] = a[i].qs[x4_element(v, j)];
     }
 }
-
-}  // namespace tp_numa::quant
-
-namespace tp_numa::quant {
 
 void expand_act_kx4(const void* q8k, int nb, void* out) {
     const auto* a = static_cast<const BlockQ8K*>(q8k);
