@@ -7,6 +7,7 @@
 #include "comm/shm_ops.h"
 #include "decode/decode_plan.h"
 #include "fused/fused_ops.h"
+#include "memory/weight_memory.h"
 #include "quant/quant_ops.h"
 
 TORCH_LIBRARY(tp_numa, m) {
@@ -23,6 +24,9 @@ TORCH_LIBRARY(tp_numa, m) {
     m.def("kernel_isa() -> str", &tp_numa::kernel_isa);
     m.def("set_kernel_isa(str isa) -> ()", &tp_numa::set_kernel_isa);
     m.def("read_bandwidth_probe(Tensor buf, int repeats) -> float");
+
+    // ---- weight storage (csrc/memory) ----
+    m.def("empty_weight(int[] size) -> Tensor", &tp_numa::empty_weight);
 
     // ---- shared-memory collectives (csrc/comm) ----
     // group lifetime (no tensor arguments: catch-all kernels); handle = small integer

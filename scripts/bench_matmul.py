@@ -7,6 +7,9 @@
 2. GEMV (M = 1) per type and weight shape: GB/s of weight bytes streamed per call, and its
    ratio to (1). The weights are cycled through enough copies to exceed the LLC several
    times, so every call reads from DRAM as in decode.
+   Weights and the probe's buffer both live in the engine's weight memory (2 MiB
+   transparent huge pages, ``tp_numa.memory``; ``TP_NUMA_HUGEPAGES=0``: 4 KiB pages), so
+   the ratio compares reads of the same kind of memory.
    The in-cache column runs the same GEMV on a weight that fits in L2: the kernel's compute
    ceiling, which must exceed the bandwidth for the GEMV to be memory bound.
 3. GEMM (M = 512, prefill): GFLOP/s (2*M*N*K / t), and the speed-up over M separate GEMV
@@ -36,6 +39,7 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import quantize
 
 from tp_numa import ops
+from tp_numa.memory import empty_weight, to_weight_memory
 
 HOT = ["Q4_0x4", "Q5_0x4", "Q8_0x4", "Q4_Kx4", "Q6_Kx4"]
 ALL = ["Q4_0", "Q4_0x4", "Q4_1", "Q5_0", "Q5_0x4", "Q5_1", "Q8_0", "Q8_0x4", "IQ4_NL", "Q4_K", "Q4_Kx4", "Q5_K",
@@ -51,7 +55,7 @@ def parse_type(name: str) -> tuple[T, bool]:
 def matmul_fn(qtype: T, packed: bool):
     """(prepare(raw rows) -> weight, call(x, weight) -> y) for the row or the x4 layout."""
     if not packed:
-        return (lambda w: w), (lambda x, w: ops.quant_matmul(x, w, int(qtype)))
+        return to_weight_memory, (lambda x, w: ops.quant_matmul(x, w, int(qtype)))
     return ((lambda w: (ops.pack_x4(w, int(qtype)), w.shape[0])),
             (lambda x, w: ops.quant_matmul_x4(x, w[0], int(qtype), w[1])))
 TARGET = 0.85  # GEMV bandwidth ratio the hot types should reach
@@ -74,7 +78,7 @@ def llc_bytes() -> int:
 
 def read_bandwidth(nbytes: int, passes: int = 5) -> float:
     """Best GB/s of the native read kernel over a fresh nbytes buffer."""
-    buf = torch.ones(nbytes, dtype=torch.uint8)  # touched: pages are resident
+    buf = empty_weight(nbytes).fill_(1)  # the weights' kind of memory, touched: resident
     ops.read_bandwidth_probe(buf, 1)
     best = min(ops.read_bandwidth_probe(buf, 1) for _ in range(passes))
     return nbytes / best / 1e9
@@ -122,7 +126,7 @@ def bench_gemv(qtype: T, packed: bool, n: int, k: int, llc: int, min_time: float
     prep, mm = matmul_fn(qtype, packed)
     w0 = random_weight(qtype, n, k, rng)
     copies = max(1, -(-3 * llc // w0.numel()))  # cycle through >= 3x LLC of weights
-    ws = [prep(w0)] + [prep(w0.clone()) for _ in range(copies - 1)]
+    ws = [prep(w0) for _ in range(copies)]
     x = torch.randn(1, k)
     t = time_calls(lambda i: mm(x, ws[i]), len(ws), min_time)
     return w0.numel() / t / 1e9, w0.numel()

@@ -28,6 +28,7 @@ import torch
 from . import model_registry
 from .distributed import communicator, parallel_state
 from .errors import TpNumaError
+from .memory import huge_page_bytes, thp_mode
 from .sampling import Sampler, SamplingParams
 from .stop_strings import StopStringFilter
 
@@ -163,6 +164,8 @@ class LLM:
                 f"vocab {config.vocab_size}, tp={state.world_size}, threads/rank "
                 f"{torch.get_num_threads()}, context {ctx}, in {time.perf_counter() - t0:.2f} s"
             )
+            _log(f"memory: {huge_page_bytes() / 2**20:.0f} MiB of rank 0 on huge pages "
+                 f"(transparent huge pages: {thp_mode() or 'unknown'}; TP_NUMA_HUGEPAGES=0 turns them off)")
         return cls(model=net, config=config, tokenizer=tokenizer, path=path, state=state,
                    max_context=ctx, prefill_chunk=prefill_chunk, quiet=quiet)
 

@@ -7,7 +7,8 @@ A GGUF weight of logical shape ``[N out, K in]`` is stored row-major as N rows o
 - column shard (output rows ``[r0, r1)``): one contiguous byte range of the mmap;
 - row shard (input blocks ``[b0, b1)`` of every row): a strided view of the mmap.
 
-Either way the slice is copied into a fresh contiguous ``uint8`` tensor. Callers bind the
+Either way the slice is copied into a fresh contiguous ``uint8`` tensor in weight memory
+(``tp_numa.memory.empty_weight``: transparent huge pages from 2 MiB on). Callers bind the
 rank to its NUMA node *before* loading, so the first touch of that copy places its pages
 in node-local memory; only the pages of the rank's own slice are ever read from the file.
 Every copy is counted in ``GGUFFile.loaded_bytes`` (per tensor name) so tests can check
@@ -26,6 +27,7 @@ from gguf.quants import dequantize
 
 from .errors import ModelFormatError, UnsupportedError
 from .gguf_metadata import map_gguf, parse_kv
+from .memory import cat_rows, empty_weight
 
 GGUF_MAGIC = b"GGUF"
 
@@ -216,14 +218,14 @@ class GGUFFile(GGUFHeader):
         r1 = info.n_rows if r1 is None else r1
         if not 0 <= r0 <= r1 <= info.n_rows:
             raise ValueError(f"{name}: rows [{r0}, {r1}) outside [0, {info.n_rows})")
-        out = torch.empty((r1 - r0, info.row_bytes), dtype=torch.uint8)
+        out = empty_weight(r1 - r0, info.row_bytes)
         out.numpy()[...] = self._rows_view(info)[r0:r1]
         self._count(name, out.numel())
         return out
 
     def read_row_list(self, name: str, rows: list[tuple[int, int]]) -> torch.Tensor:
         """Several row ranges concatenated (e.g. the KV heads a rank needs)."""
-        return torch.cat([self.read_rows(name, a, b) for a, b in rows], dim=0)
+        return cat_rows([self.read_rows(name, a, b) for a, b in rows])
 
     def read_block_cols(self, name: str, b0: int, b1: int) -> torch.Tensor:
         """Input blocks ``[b0, b1)`` of every row (a row-parallel shard) as uint8
@@ -232,7 +234,7 @@ class GGUFFile(GGUFHeader):
         if not 0 <= b0 < b1 <= info.n_blocks:
             raise ValueError(f"{name}: blocks [{b0}, {b1}) outside [0, {info.n_blocks})")
         ts = info.type_size
-        out = torch.empty((info.n_rows, (b1 - b0) * ts), dtype=torch.uint8)
+        out = empty_weight(info.n_rows, (b1 - b0) * ts)
         out.numpy()[...] = self._rows_view(info)[:, b0 * ts: b1 * ts]
         self._count(name, out.numel())
         return out

@@ -23,6 +23,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "memory/weight_memory.h"
 #include "quant/kernels.h"
 #include "quant/quant_ops.h"
 
@@ -285,7 +286,7 @@ at::Tensor pack_x4(const at::Tensor& w, int64_t qtype) {
                 " blocks of ", ti->block_bytes, " bytes");
     const int64_t N = w.size(0);
     const int nb = int(w.size(1) / ti->block_bytes);
-    at::Tensor out = at::empty({(N + 3) / 4, int64_t(nb) * quant::x4_group_bytes(qtype)}, w.options());
+    at::Tensor out = empty_weight({(N + 3) / 4, int64_t(nb) * quant::x4_group_bytes(qtype)});
     const uint8_t* src = w.data_ptr<uint8_t>();
     uint8_t* dst = out.data_ptr<uint8_t>();
     const size_t rb = size_t(w.size(1)), gb = size_t(out.size(1));

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 
+from .. import memory
 from ..distributed import numa, parallel_state
 
 
@@ -53,6 +54,7 @@ def run(args) -> int:
             "ranks_on_this_host": st.local_size,
             "placements": placements,
             "mpirun": lines,
+            "transparent_huge_pages": memory.thp_mode(),
         }, indent=2))
         return 0
     print(f"NUMA nodes: {len(nodes)}   (CPUs this process may use: {numa.format_cpulist(allowed)})")
@@ -75,5 +77,11 @@ def run(args) -> int:
     for name, line in lines.items():
         print(f"  {name + ':':<26} {line}")
     print("Threads per rank default to the cores of its node (--threads to change).")
+    thp = memory.thp_mode()
+    if thp in ("always", "madvise"):
+        print(f"Transparent huge pages: {thp}: weights go on 2 MiB pages (TP_NUMA_HUGEPAGES=0 to disable).")
+    else:
+        print(f"Transparent huge pages: {thp or 'unknown'}: weights stay on 4 KiB pages; "
+              "'echo madvise > /sys/kernel/mm/transparent_hugepage/enabled' (root) enables them.")
     print("Several hosts: see docs/launch.md (ranks = hosts x nodes, --host a:N,b:N).")
     return 0

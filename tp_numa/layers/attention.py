@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import attention_ops
+from .. import attention_ops, memory
 from ..errors import TpNumaError
 
 # q8_0: GGUF Q8_0 blocks (fp16 scale + 32 int8 per 32 elements, 8.5 bits per value) stored
@@ -143,9 +143,13 @@ class Attention(nn.Module):
                                   f"got {self.head_dim} (use f16, bf16 or f32)")
             row = self.head_dim // 32 * 34
         shape = (self.slots, self.n_kv_heads, row)
-        # zeros, not empty: first touch of the pages happens here, on this rank's node
-        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
-        self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        # zeros, not empty: first touch of the pages happens here, on this rank's node; on
+        # the CPU in weight memory (huge pages from 2 MiB: every decode step reads it all)
+        if torch.device(device).type == "cpu":
+            self.k_cache, self.v_cache = memory.zeros(shape, dtype), memory.zeros(shape, dtype)
+        else:
+            self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+            self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
 
     def _native(self, q: torch.Tensor) -> bool:
         """Whether the native ops serve this call (decided once per device)."""

@@ -29,6 +29,7 @@ from torch import nn
 from ..distributed import parallel_state
 from ..errors import ModelFormatError, ShardingError
 from ..gguf_loader import GGUFFile
+from ..memory import cat_rows
 from .partition import HeadShard, Range, split_even
 from .quant import linear_method_for, method_of
 
@@ -71,7 +72,7 @@ class LinearBase(nn.Module):
                 runs.append(([rows], qtype))
         self._runs = []
         for i, (chunks, qtype) in enumerate(runs):
-            rows = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=0)
+            rows = cat_rows(chunks)
             name = "weight" if len(runs) == 1 else f"weight{i}"
             linear_method_for(qtype, repack=True, row_bytes=rows.shape[1]).create_weights(self, name, rows, qtype)
             self._runs.append(name)
