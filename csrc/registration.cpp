@@ -23,7 +23,7 @@ TORCH_LIBRARY(tp_numa, m) {
     // no tensor arguments: bound here as catch-all kernels
     m.def("kernel_isa() -> str", &tp_numa::kernel_isa);
     m.def("set_kernel_isa(str isa) -> ()", &tp_numa::set_kernel_isa);
-    m.def("read_bandwidth_probe(Tensor buf, int repeats) -> float");
+    m.def("read_bandwidth_probe(Tensor buf, int repeats, int streams=8, int prefetch_bytes=0) -> float");
 
     // ---- weight storage (csrc/memory) ----
     m.def("empty_weight(int[] size) -> Tensor", &tp_numa::empty_weight);

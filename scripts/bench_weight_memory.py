@@ -3,7 +3,7 @@
 
 The same weight bytes are held twice: copied into ``tp_numa.memory.empty_weight`` storage
 (what the loader does) and into torch's ordinary allocator (``clone``). Each round times
-both (order alternating), each from DRAM (enough copies to cycle through 3x the LLC); the
+both (order alternating), each from DRAM (copies cycling through 1 GiB, as bench_matmul); the
 result is the median over rounds of the paired ratio huge / ordinary, so host drift between
 rounds cancels. Also prints how many bytes really landed on huge pages.
 
@@ -48,7 +48,7 @@ def main() -> None:
                 continue
             prep, mm = bm.matmul_fn(qtype, packed)
             w0 = bm.random_weight(qtype, n, k, rng)
-            copies = max(1, -(-3 * llc // w0.numel()))
+            copies = max(1, -(-max(3 * llc, 1 << 30) // w0.numel()))
             ref = prep(w0)
             unpack = (lambda w: w[0]) if packed else (lambda w: w)
             repack = (lambda t: (t, ref[1])) if packed else (lambda t: t)

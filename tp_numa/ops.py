@@ -156,12 +156,14 @@ def set_kernel_isa(isa: str) -> None:
     torch.ops.tp_numa.set_kernel_isa(str(isa))
 
 
-def read_bandwidth_probe(buf: torch.Tensor, repeats: int) -> float:
+def read_bandwidth_probe(buf: torch.Tensor, repeats: int, streams: int = 8, prefetch_bytes: int = 0) -> float:
     """Seconds taken to read every byte of buf `repeats` times (threads: torch.set_num_threads).
 
-    A STREAM-like read kernel used by scripts/bench_matmul.py as the bandwidth ceiling.
+    A STREAM-like read kernel used by scripts/bench_matmul.py as the bandwidth ceiling. Each
+    thread reads its share as ``streams`` (1, 2, 4 or 8) interleaved sequential streams, with
+    a software prefetch ``prefetch_bytes`` ahead of each (0: none).
     """
-    return torch.ops.tp_numa.read_bandwidth_probe(buf, int(repeats))
+    return torch.ops.tp_numa.read_bandwidth_probe(buf, int(repeats), int(streams), int(prefetch_bytes))
 
 
 def _register_fakes() -> None:

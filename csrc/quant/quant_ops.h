@@ -40,6 +40,6 @@ void set_kernel_isa(const std::string& isa);
 
 // Seconds to read every byte of buf (contiguous uint8) `repeats` times with all threads:
 // the STREAM-like read kernel behind scripts/bench_matmul.py's bandwidth ceiling.
-double read_bandwidth_probe(const at::Tensor& buf, int64_t repeats);
+double read_bandwidth_probe(const at::Tensor& buf, int64_t repeats, int64_t streams, int64_t prefetch_bytes);
 
 }  // namespace tp_numa
