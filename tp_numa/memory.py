@@ -8,8 +8,8 @@ the GGUF mmap, done by the rank already bound to its NUMA node, faults in node-l
 pages. Only whole 2 MiB pages are advised: a tensor's tail stays on 4 KiB pages and costs
 no extra resident memory.
 
-Measured here: 1.10-1.17x GEMV GB/s at 1 thread, 1.02-1.12x at 2 threads (docs/kernels.md,
-"Weight memory"). ``TP_NUMA_HUGEPAGES=0`` keeps ordinary memory (for A/B runs); a kernel
+Measured gains: docs/kernels.md, "Weight memory" (``scripts/bench_weight_memory.py``).
+``TP_NUMA_HUGEPAGES=0`` keeps ordinary memory (for A/B runs); a kernel
 with THP set to ``never`` silently gives 4 KiB pages (``tp-numa topo`` says so).
 """
 from __future__ import annotations

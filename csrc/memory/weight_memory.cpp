@@ -1,9 +1,8 @@
 // Weight storage on transparent huge pages (see weight_memory.h).
 //
 // A decode step streams every weight once; with 4 KiB pages that is a TLB miss (a page
-// walk) every 4 KiB of every weight. Measured here (scratch A/B, same kernels, weights
-// copied into either storage, paired rounds): 1.10-1.17x GEMV GB/s at 1 thread and
-// 1.02-1.12x at 2 threads on 11008x4096 and 151936x768 weights (docs/kernels.md).
+// walk) every 4 KiB of every weight. The measured GEMV and decode gains are in
+// docs/kernels.md, "Weight memory" (scripts/bench_weight_memory.py).
 //
 // Layout of one mapping of n bytes:
 //   base ............ aligned = round_up(base, 2 MiB) ... aligned + n ... end
@@ -26,8 +25,7 @@ constexpr size_t kHugePage = size_t(2) << 20;
 
 size_t round_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
 
-}  // namespace
-
+// Whether empty_weight asks for huge pages (TP_NUMA_HUGEPAGES, default on).
 bool huge_pages_requested() {
     static const bool on = [] {
         const char* v = std::getenv("TP_NUMA_HUGEPAGES");
@@ -35,6 +33,8 @@ bool huge_pages_requested() {
     }();
     return on;
 }
+
+}  // namespace
 
 at::Tensor empty_weight(at::IntArrayRef sizes) {
     int64_t numel = 1;

@@ -13,7 +13,4 @@ namespace tp_numa {
 // Smaller tensors, TP_NUMA_HUGEPAGES=0, or a kernel without THP give ordinary memory.
 at::Tensor empty_weight(at::IntArrayRef sizes);
 
-// Whether empty_weight asks for huge pages (TP_NUMA_HUGEPAGES, default on).
-bool huge_pages_requested();
-
 }  // namespace tp_numa
