@@ -336,10 +336,10 @@ def test_exact_to_float32_is_the_rounded_float64():
 def test_read_bandwidth_probe_patterns_and_errors():
     """Every read pattern of the bandwidth probe runs (seconds > 0); bad patterns are named."""
     buf = torch.ones(3 << 20, dtype=torch.uint8)
-    for streams, pf in [(1, 0), (2, 0), (2, 1024), (4, 0), (8, 0), (8, 512)]:
+    for streams, pf in [(1, 0), (2, 0), (2, 1024), (3, 0), (3, 4096), (4, 0), (8, 0), (8, 512)]:
         assert ops.read_bandwidth_probe(buf, 2, streams, pf) > 0
-    with pytest.raises(RuntimeError, match="streams must be 1, 2, 4 or 8"):
-        ops.read_bandwidth_probe(buf, 1, 3, 0)
+    with pytest.raises(RuntimeError, match="streams must be 1, 2, 3, 4 or 8"):
+        ops.read_bandwidth_probe(buf, 1, 5, 0)
     with pytest.raises(RuntimeError, match="prefetch_bytes must be >= 0"):
         ops.read_bandwidth_probe(buf, 1, 2, -64)
     with pytest.raises(RuntimeError, match="repeats must be >= 1"):

@@ -160,7 +160,7 @@ def read_bandwidth_probe(buf: torch.Tensor, repeats: int, streams: int = 8, pref
     """Seconds taken to read every byte of buf `repeats` times (threads: torch.set_num_threads).
 
     A STREAM-like read kernel used by scripts/bench_matmul.py as the bandwidth ceiling. Each
-    thread reads its share as ``streams`` (1, 2, 4 or 8) interleaved sequential streams, with
+    thread reads its share as ``streams`` (1, 2, 3, 4 or 8) interleaved sequential streams, with
     a software prefetch ``prefetch_bytes`` ahead of each (0: none).
     """
     return torch.ops.tp_numa.read_bandwidth_probe(buf, int(repeats), int(streams), int(prefetch_bytes))

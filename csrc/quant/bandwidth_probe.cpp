@@ -43,6 +43,7 @@ uint64_t read_streams(const uint8_t* p, size_t n, int streams, size_t pf) {
     switch (streams) {
         case 1: return read_avx2<1, PF>(p, n, pf);
         case 2: return read_avx2<2, PF>(p, n, pf);
+        case 3: return read_avx2<3, PF>(p, n, pf);
         case 4: return read_avx2<4, PF>(p, n, pf);
         default: return read_avx2<8, PF>(p, n, pf);
     }
@@ -65,8 +66,8 @@ double read_bandwidth_probe(const at::Tensor& buf, int64_t repeats, int64_t stre
     TORCH_CHECK(buf.device().is_cpu() && buf.is_contiguous() && buf.scalar_type() == at::kByte,
                 "read_bandwidth_probe: buf must be a contiguous CPU uint8 tensor");
     TORCH_CHECK(repeats >= 1, "read_bandwidth_probe: repeats must be >= 1, got ", repeats);
-    TORCH_CHECK(streams == 1 || streams == 2 || streams == 4 || streams == 8,
-                "read_bandwidth_probe: streams must be 1, 2, 4 or 8, got ", streams);
+    TORCH_CHECK(streams == 1 || streams == 2 || streams == 3 || streams == 4 || streams == 8,
+                "read_bandwidth_probe: streams must be 1, 2, 3, 4 or 8, got ", streams);
     TORCH_CHECK(prefetch_bytes >= 0, "read_bandwidth_probe: prefetch_bytes must be >= 0, got ", prefetch_bytes);
     const uint8_t* p = buf.data_ptr<uint8_t>();
     const int64_t n = buf.numel();

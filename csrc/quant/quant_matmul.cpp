@@ -264,6 +264,7 @@ at::Tensor run_quant_matmul_x4(const at::Tensor& x, const at::Tensor& wp, int64_
     const int64_t tile = std::max<int64_t>(1, kTileBytes / int64_t(gstride));
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, int64_t(gstride) * M));
     at::parallel_for(0, full, grain, [&](int64_t g0, int64_t g1) {
+        if (M == 1) return run_groups(g0, g1, yp + 4 * g0, size_t(n));  // the kernel's streams span the range
         for (int64_t t0 = g0; t0 < g1; t0 += tile) run_groups(t0, std::min(g1, t0 + tile), yp + 4 * t0, size_t(n));
     });
     if (n % 4 != 0) {

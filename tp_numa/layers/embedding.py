@@ -55,7 +55,7 @@ class VocabParallelEmbedding(nn.Module):
         False (rows unchanged) when the type has no x4 layout or TP_NUMA_X4=0."""
         if self.packed_rows is not None:
             return True
-        if not x4_pays(self.qtype, self.weight.shape[1]):
+        if not x4_pays(self.qtype):
             return False
         self.packed_rows = int(self.weight.shape[0])
         self.weight = ops.pack_x4(self.weight, self.qtype)
@@ -126,7 +126,7 @@ class ParallelLMHead(nn.Module):
                 f"expected [{self.vocab_size}, {self.hidden_size}]")
         # untied: the head owns its rows, so it may be repacked (x4 layout, see quant.x4_pays)
         rows = f.read_rows(name, *self.vocab_range)
-        linear_method_for(int(info.qtype), repack=True, row_bytes=rows.shape[1]).create_weights(
+        linear_method_for(int(info.qtype), repack=True).create_weights(
             self, "weight", rows, int(info.qtype))
 
     def tie_weights(self, embedding: VocabParallelEmbedding) -> None:

@@ -74,7 +74,7 @@ class LinearBase(nn.Module):
         for i, (chunks, qtype) in enumerate(runs):
             rows = cat_rows(chunks)
             name = "weight" if len(runs) == 1 else f"weight{i}"
-            linear_method_for(qtype, repack=True, row_bytes=rows.shape[1]).create_weights(self, name, rows, qtype)
+            linear_method_for(qtype, repack=True).create_weights(self, name, rows, qtype)
             self._runs.append(name)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:

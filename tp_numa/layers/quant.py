@@ -97,26 +97,21 @@ def x4_enabled() -> bool:
     return os.environ.get("TP_NUMA_X4", "1") != "0"
 
 
-# Q8_0 rows of at least this many bytes stay in the row layout: there its 4-rows-at-once
-# GEMV is as fast or faster than x4 (bench_matmul, session 3: 4096x4096 at 1 / 2 threads
-# 17.5 / 28.8 GB/s row layout vs 15.4 / 23.3 x4), while shorter rows (K <= 960, e.g. the
-# 896- and 640-wide LM heads) gain from x4 (151936x896: 14.0 / 20.7 vs 14.9 / 23.6).
-_Q8_0_X4_MAX_ROW_BYTES = 1024
+def x4_pays(qtype: int) -> bool:
+    """Whether a weight of this type is repacked into the x4 layout: every type that has
+    one (Q4_0, Q5_0, Q8_0, Q4_K, Q6_K), unless ``TP_NUMA_X4=0``. (Q8_0 rows of 1 KiB or
+    more stayed in the row layout until the x4 GEMV read 3 streams per thread; since then
+    x4 is faster at every width: 1.30-1.49x at 1 thread, 1.07-1.49x at 2, for 4096x4096,
+    11008x4096 and 4864x896, docs/kernels.md.)"""
+    return int(qtype) in ops.X4_QTYPES and x4_enabled()
 
 
-def x4_pays(qtype: int, row_bytes: int) -> bool:
-    """Whether a weight of this type and row size is repacked into the x4 layout."""
-    if int(qtype) not in ops.X4_QTYPES or not x4_enabled():
-        return False
-    return int(qtype) != 8 or row_bytes < _Q8_0_X4_MAX_ROW_BYTES
-
-
-def linear_method_for(qtype: int, repack: bool = False, row_bytes: int = 0) -> LinearMethodBase:
+def linear_method_for(qtype: int, repack: bool = False) -> LinearMethodBase:
     """The method for a GGUF tensor type (every supported type runs on its blocks).
 
     ``repack``: the caller owns the rows alone (not shared with an embedding), so a weight
-    of ``row_bytes`` per row whose type has an x4 layout may be repacked (``x4_pays``)."""
-    if repack and x4_pays(qtype, row_bytes):
+    whose type has an x4 layout may be repacked (``x4_pays``)."""
+    if repack and x4_pays(qtype):
         return _X4_METHOD
     return _GGUF_METHOD
 
