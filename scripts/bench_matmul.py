@@ -2,16 +2,20 @@
 """Quantized matmul speed vs the machine's read bandwidth, measured in the same run.
 
 1. Read bandwidth: the native STREAM-like read kernel (tp_numa.ops.read_bandwidth_probe)
-   over a buffer much larger than the last-level cache, per thread count: the best of a few
-   read patterns (1-8 streams per thread, with or without software prefetch), each the best
-   of a few passes.
+   over a buffer much larger than the last-level cache (1 GiB by default), read as
+   consecutive windows the size of the GEMV weight, one op call per window, in the read
+   pattern (1-8 streams per thread, with or without software prefetch) that read that
+   size fastest at that thread count in the first round.
 2. GEMV (M = 1) per type and weight shape: GB/s of weight bytes streamed per call, and its
-   ratio to (1). The weights are cycled through enough copies to fill as many bytes as the
-   probe reads (1 GiB by default, >= 3x the LLC), so every call reads from DRAM as in decode.
+   ratio to (1). GEMV calls and probe windows alternate one to one for the cell's time, and
+   each keeps its best: the same statistic under the same host load (a shared host's
+   bandwidth drifts by up to 2x within minutes, so a probe seconds away is no reference).
+   The weights cycle through enough copies to fill as many bytes as the probe buffer
+   (>= 3x the LLC), so every call reads from DRAM as in decode.
    Weights and the probe's buffer both live in the engine's weight memory (2 MiB
    transparent huge pages, ``tp_numa.memory``; ``TP_NUMA_HUGEPAGES=0``: 4 KiB pages), so
    the ratio compares reads of the same kind of memory.
-   The in-cache column runs the same GEMV on a weight that fits in L2: the kernel's compute
+   The in-cache column runs the same GEMV on a weight that stays in L2/L3: the kernel's compute
    ceiling, which must exceed the bandwidth for the GEMV to be memory bound.
 3. GEMM (M = 512, prefill): GFLOP/s (2*M*N*K / t), and the speed-up over M separate GEMV
    calls on the same weight.
@@ -20,7 +24,8 @@ repacked into the x4 layout (``ops.pack_x4`` + ``ops.quant_matmul_x4``), which i
 engine uses for those types; the bandwidth target is checked on them.
 
 On a shared host a second core can be busy for seconds at a time; ``--rounds N`` repeats
-the whole sweep N times, interleaved, and keeps each cell's best round (as the probe).
+the whole sweep N times, interleaved, and keeps the best GEMV and the best probe of each
+cell over the rounds.
 
 Usage: .venv/bin/python scripts/bench_matmul.py [--threads 1 2] [--types Q4_0 Q8_0 ...]
        [--shapes 4096x4096 11008x4096 151936x896] [--gemm-shape 4096x4096] [--min-time 0.3]
@@ -78,22 +83,43 @@ def llc_bytes() -> int:
 
 
 # Read patterns the probe tries (streams per thread, software prefetch bytes ahead): which
-# is fastest depends on the machine. Here 2 streams read ~20 % faster than 8 at 1 thread
-# (session 6); the benchmark's ceiling is the best of them, never one fixed pattern.
-PROBE_PATTERNS = [(1, 0), (2, 0), (2, 1024), (4, 0), (8, 0)]
+# is fastest depends on the machine. Here 3 streams read fastest at 1 and 2 threads
+# (session 7; 2 streams ~20 % faster than 8 at 1 thread, session 6); the benchmark's
+# ceiling is the best of them, never one fixed pattern.
+PROBE_PATTERNS = [(1, 0), (2, 0), (2, 1024), (3, 0), (3, 1024), (4, 0), (8, 0)]
 
 
-def read_bandwidth(nbytes: int, passes: int = 3) -> tuple[float, str]:
-    """(best GB/s, pattern) of the native read kernel over a fresh nbytes buffer in weight
-    memory, best of `passes` reads per pattern of PROBE_PATTERNS."""
-    buf = empty_weight(nbytes).fill_(1)  # the weights' kind of memory, touched: resident
-    best, label = 0.0, ""
-    for streams, pf in PROBE_PATTERNS:
-        ops.read_bandwidth_probe(buf, 1, streams, pf)
-        gbs = nbytes / min(ops.read_bandwidth_probe(buf, 1, streams, pf) for _ in range(passes)) / 1e9
-        if gbs > best:
-            best, label = gbs, f"{streams} stream{'s' if streams > 1 else ''}" + (f", prefetch {pf} B" if pf else "")
-    return best, label
+def probe_windows(buf: torch.Tensor, window: int) -> list[torch.Tensor]:
+    """buf (a buffer in weight memory, much larger than the LLC) as consecutive windows of
+    `window` bytes: the probe reads one window per op call."""
+    window = max(4096, min(window, buf.numel()))
+    return [buf[o:o + window] for o in range(0, buf.numel() - window + 1, window)]
+
+
+def best_pattern(views: list[torch.Tensor], min_time: float) -> tuple[tuple[int, int], float]:
+    """(pattern, GB/s) of PROBE_PATTERNS that reads the windows fastest (best window of
+    min_time seconds of reads per pattern)."""
+    best = ((1, 0), 0.0)
+    for pat in PROBE_PATTERNS:
+        ops.read_bandwidth_probe(views[-1], 1, *pat)  # warm-up, then views[0]: read a buffer ago
+        t, spent, i = float("inf"), 0.0, 0
+        while spent < min_time:
+            dt = ops.read_bandwidth_probe(views[i % len(views)], 1, *pat)
+            t, spent, i = min(t, dt), spent + dt, i + 1
+        if views[0].numel() / t / 1e9 > best[1]:
+            best = (pat, views[0].numel() / t / 1e9)
+    return best
+
+
+def pattern_label(pat: tuple[int, int]) -> str:
+    streams, pf = pat
+    return f"{streams} stream{'s' if streams > 1 else ''}" + (f", prefetch {pf} B" if pf else "")
+
+
+def weight_bytes(qtype: T, n: int, k: int) -> int:
+    """Bytes of an n x k weight of qtype (k rounded down to whole blocks)."""
+    elems, nbytes = ops.block_info(int(qtype))
+    return n * (k // elems) * nbytes
 
 
 def random_weight(qtype: T, n: int, k: int, rng: np.random.Generator) -> torch.Tensor:
@@ -134,19 +160,35 @@ def time_calls(fn, n_items: int, min_time: float) -> float:
     return min(times)
 
 
-def bench_gemv(qtype: T, packed: bool, n: int, k: int, footprint: int, min_time: float, rng) -> tuple[float, int]:
-    """(GB/s, weight bytes) of one GEMV, the calls cycling through >= footprint bytes of copies."""
+def bench_gemv(qtype: T, packed: bool, n: int, k: int, footprint: int, min_time: float, rng,
+               views: list[torch.Tensor], pattern: tuple[int, int]) -> tuple[float, float]:
+    """(GEMV GB/s, probe GB/s): GEMV calls, their weights cycling through >= footprint bytes
+    of copies, alternating one to one with probe reads of equally large windows in
+    `pattern`, for min_time seconds; each the best of its reads. Alternating at the
+    millisecond scale puts both under the same host load, which on a shared machine
+    drifts by up to 2x within minutes."""
     prep, mm = matmul_fn(qtype, packed)
     w0 = random_weight(qtype, n, k, rng)
     copies = max(1, -(-footprint // w0.numel()))
     ws = [prep(w0) for _ in range(copies)]
     x = torch.randn(1, k)
-    t = time_calls(lambda i: mm(x, ws[i]), len(ws), min_time)
-    return w0.numel() / t / 1e9, w0.numel()
+    warm = min(3, copies)
+    for i in range(warm):
+        mm(x, ws[i])
+    ops.read_bandwidth_probe(views[-1], 1, *pattern)
+    t_mm, t_rd = float("inf"), float("inf")
+    start, i = time.perf_counter(), 0
+    while time.perf_counter() - start < min_time or i < 5:
+        t0 = time.perf_counter()
+        mm(x, ws[(warm + i) % copies])  # never a weight a recent call left in the LLC
+        t_mm = min(t_mm, time.perf_counter() - t0)
+        t_rd = min(t_rd, ops.read_bandwidth_probe(views[i % len(views)], 1, *pattern))
+        i += 1
+    return w0.numel() / t_mm / 1e9, views[0].numel() / t_rd / 1e9
 
 
 def bench_in_cache(qtype: T, packed: bool, min_time: float, rng) -> float:
-    """GB/s of a GEMV whose weight (512 x 2048) stays in L2: the kernel's compute ceiling."""
+    """GB/s of a GEMV whose weight (512 x 2048: 0.3-1.1 MB) stays in L2/L3: the kernel's compute ceiling."""
     prep, mm = matmul_fn(qtype, packed)
     w = random_weight(qtype, 512, 2048, rng)
     wp = prep(w)
@@ -190,48 +232,63 @@ def main() -> None:
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
     gn, gk = (int(v) for v in args.gemm_shape.split("x"))
     print(f"kernel ISA: {ops.kernel_isa()}   LLC: {llc / 2**20:.0f} MiB   torch {torch.__version__}")
-    # The machine's bandwidth drifts (shared host): it is probed again before every row, and
-    # ratios use the best probe of the run for that thread count (the conservative choice).
-    bw: dict[int, tuple[float, str]] = {}
-    best: dict[tuple[str, int], tuple] = {}  # (type, threads) -> (in-cache, gemv per shape, gemm)
+    # The machine's bandwidth drifts (shared host): each GEMV cell alternates with probe
+    # reads of its own weight size, in the pattern that read that size fastest (chosen once
+    # per thread count and size, in the first round).
+    probe_buf = empty_weight(args.bw_bytes).fill_(1)  # the weights' kind of memory, resident
+    patterns: dict[tuple[int, int], tuple[tuple[int, int], float]] = {}  # (threads, bytes) -> (pattern, GB/s)
+    best: dict[tuple[str, int], tuple] = {}  # (type, threads) -> (in-cache, [(gemv, probe)] per shape, gemm)
     for rnd in range(args.rounds):
         for name in args.types:
             qtype, packed = parse_type(name)
             for th in args.threads:
                 torch.set_num_threads(th)
-                bw[th] = max(bw.get(th, (0.0, "")), read_bandwidth(args.bw_bytes))
                 incache = bench_in_cache(qtype, packed, args.min_time, rng)
                 gemv = []
                 for n, k in shapes:
-                    gemv.append(None if k % ops.block_info(int(qtype))[0] else
-                                bench_gemv(qtype, packed, n, k, footprint, args.min_time, rng)[0])
+                    if k % ops.block_info(int(qtype))[0]:
+                        gemv.append(None)
+                        continue
+                    key = (th, weight_bytes(qtype, n, k))
+                    views = probe_windows(probe_buf, key[1])
+                    if key not in patterns:
+                        patterns[key] = best_pattern(views, args.min_time / 2)
+                    gemv.append(bench_gemv(qtype, packed, n, k, footprint, args.min_time, rng, views,
+                                           patterns[key][0]))
                 gemm = None if args.no_gemm else bench_gemm(qtype, packed, gn, gk, args.gemm_m, args.min_time, rng)
                 if (name, th) in best:
                     b_in, b_gemv, b_gemm = best[(name, th)]
                     incache = max(incache, b_in)
-                    gemv = [None if g is None else max(g, bg) for g, bg in zip(gemv, b_gemv)]
+                    gemv = [None if g is None else (max(g[0], bg[0]), max(g[1], bg[1])) for g, bg in zip(gemv, b_gemv)]
                     gemm = None if gemm is None else max(gemm, b_gemm)
                 best[(name, th)] = (incache, gemv, gemm)
                 print(f"bench_matmul: round {rnd + 1}/{args.rounds} {name} {th} thread(s) done",
                       file=sys.stderr, flush=True)
     results = [(name, th, *best[(name, th)]) for name in dict.fromkeys(args.types) for th in args.threads]
-    for th in args.threads:
-        print(f"read bandwidth, {th} thread(s): {bw[th][0]:.1f} GB/s ({bw[th][1]}; best of the patterns and of "
-              "the probes before each row)"
-              + (f"; cells are the best of {args.rounds} rounds" if args.rounds > 1 else ""))
+    print("Read-probe pattern per thread count and window (the GEMV weight's size), chosen as the fastest of "
+          f"{len(PROBE_PATTERNS)} in the first round:")
+    print()
+    print("| threads | window MB | pattern | GB/s when chosen |")
+    print("|---|---|---|---|")
+    for (th, window), (pat, gbs) in sorted(patterns.items()):
+        print(f"| {th} | {window / 1e6:.{1 if window >= 1e6 else 3}f} | {pattern_label(pat)} | {gbs:.1f} |")
+    print()
+    print("GEMV cells: weight GB/s (ratio to the probe read alongside it, best of each"
+          + (f" over {args.rounds} rounds" if args.rounds > 1 else "") + ")")
     print()
     head = "| type | threads | in-cache GEMV GB/s | " + " | ".join(f"GEMV {n}x{k} GB/s (ratio)" for n, k in shapes)
     head += "" if args.no_gemm else f" | GEMM M={args.gemm_m} {gn}x{gk} GFLOP/s (x vs {args.gemm_m} GEMVs)"
     print(head + " |")
-    print("|" + "---|" * (head.count("|") + 1))
+    print("|" + "---|" * head.count("|"))
     misses = []
     for name, th, incache, gemv, gemm in results:
         cells = [f"{incache:.1f}"]
-        for (n, k), gbs in zip(shapes, gemv):
-            if gbs is None:
+        for (n, k), cell in zip(shapes, gemv):
+            if cell is None:
                 cells.append(f"n/a (K % {ops.block_info(int(parse_type(name)[0]))[0]})")
                 continue
-            ratio = gbs / bw[th][0]
+            gbs, probe = cell
+            ratio = gbs / probe
             cells.append(f"{gbs:.1f} ({ratio:.2f})")
             if name in HOT and ratio < TARGET:
                 misses.append(f"{name} {n}x{k} {th}t: {ratio:.2f}")

@@ -158,3 +158,24 @@ def test_compare_script_tpnuma_worker_protocol(tmp_path, cli_env, python):
     replies = [json.loads(line[2:]) for line in r.stdout.splitlines() if line.startswith("@@")]
     assert replies[0] == {"ready": True}
     assert len(replies) == 3 and all(x["secs"] > 0 for x in replies[1:])
+
+
+def test_bench_matmul_script_runs_small(cli_env, python):
+    """scripts/bench_matmul.py end to end at toy sizes: the probe-pattern table, one GEMV cell
+    per shape with a ratio to the probe read alongside it, the GEMM column, the target line."""
+    import os
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "bench_matmul.py")
+    r = subprocess.run([python, script, "--threads", "1", "--types", "Q4_0x4", "Q4_K", "--shapes", "64x512",
+                        "96x640", "--min-time", "0.02", "--gemm-shape", "64x256", "--gemm-m", "8",
+                        "--bw-bytes", str(8 << 20), "--rounds", "2"],
+                       capture_output=True, text=True, env=cli_env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    probes = [line for line in out.splitlines() if re.match(r"\| 1 \| 0\.0\d+ \| \d streams?", line)]
+    assert len(probes) == 2  # one per weight size: 64x512 (Q4_0 and Q4_K: 18432 bytes), 96x640 Q4_0
+    row = next(line for line in out.splitlines() if line.startswith("| Q4_0x4 | 1 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == 6 and all(re.fullmatch(r"[\d.]+ \([\d.]+\)", c) for c in cells[3:5])
+    assert "n/a (K % 256)" in next(line for line in out.splitlines() if line.startswith("| Q4_K | 1 |"))
+    assert "target GEMV >= 0.85 x read bandwidth for Q4_0x4" in out
