@@ -140,6 +140,23 @@ def random_weight(qtype: T, n: int, k: int, rng: np.random.Generator) -> torch.T
     return torch.from_numpy(raw.reshape(n, -1))
 
 
+def dram_copies(weight_bytes: int, footprint: int) -> int:
+    """Copies of a weight that GEMV calls cycle through so that each call reads from DRAM:
+    enough to fill `footprint` bytes (the probe buffer, >= 3x the LLC; a footprint of a
+    few LLCs is still partly served by a thrash-resistant L3, up to 1.15x at 2 threads)."""
+    return max(1, -(-footprint // weight_bytes))
+
+
+def warm_up(fn, n_items: int) -> int:
+    """Calls fn(i) on the first few items (at most 3); returns how many. Timing then starts
+    at the next item, so with n_items > 1 a timed call never reads data a warm-up call
+    left in the LLC (three 9 MiB weights fit in a 32 MiB L3)."""
+    warm = min(3, n_items)
+    for i in range(warm):
+        fn(i)
+    return warm
+
+
 def time_calls(fn, n_items: int, min_time: float) -> float:
     """Best seconds per call of fn(i), i cycling over n_items, after warm-up.
 
@@ -147,11 +164,9 @@ def time_calls(fn, n_items: int, min_time: float) -> float:
     call down, so the fastest call is the best estimate of the kernel's own speed (the
     read bandwidth is measured the same way).
     """
-    for i in range(min(3, n_items)):
-        fn(i)
+    i = warm_up(fn, n_items)
     times = []
     start = time.perf_counter()
-    i = 0
     while time.perf_counter() - start < min_time or len(times) < 5:
         t0 = time.perf_counter()
         fn(i % n_items)
@@ -169,18 +184,16 @@ def bench_gemv(qtype: T, packed: bool, n: int, k: int, footprint: int, min_time:
     drifts by up to 2x within minutes."""
     prep, mm = matmul_fn(qtype, packed)
     w0 = random_weight(qtype, n, k, rng)
-    copies = max(1, -(-footprint // w0.numel()))
+    copies = dram_copies(w0.numel(), footprint)
     ws = [prep(w0) for _ in range(copies)]
     x = torch.randn(1, k)
-    warm = min(3, copies)
-    for i in range(warm):
-        mm(x, ws[i])
+    warm = warm_up(lambda i: mm(x, ws[i]), copies)
     ops.read_bandwidth_probe(views[-1], 1, *pattern)
     t_mm, t_rd = float("inf"), float("inf")
     start, i = time.perf_counter(), 0
     while time.perf_counter() - start < min_time or i < 5:
         t0 = time.perf_counter()
-        mm(x, ws[(warm + i) % copies])  # never a weight a recent call left in the LLC
+        mm(x, ws[(warm + i) % copies])
         t_mm = min(t_mm, time.perf_counter() - t0)
         t_rd = min(t_rd, ops.read_bandwidth_probe(views[i % len(views)], 1, *pattern))
         i += 1
@@ -217,18 +230,17 @@ def main() -> None:
     ap.add_argument("--gemm-m", type=int, default=512)
     ap.add_argument("--no-gemm", action="store_true")
     ap.add_argument("--min-time", type=float, default=0.3, help="seconds per measurement")
-    ap.add_argument("--bw-bytes", type=int, default=1 << 30)
+    ap.add_argument("--bw-bytes", type=int, default=1 << 30,
+                    help="bytes of the probe buffer; GEMV weights cycle through max(this, 3x LLC)")
     ap.add_argument("--rounds", type=int, default=1,
-                    help="repeat the sweep, interleaved, and keep each cell's best round")
+                    help="repeat the sweep, interleaved, and keep each cell's best GEMV and best probe")
     args = ap.parse_args()
     if args.rounds < 1:
         ap.error(f"--rounds must be >= 1, got {args.rounds}")
 
     rng = np.random.default_rng(0)
     llc = llc_bytes()
-    # GEMV weights cycle through as many bytes as the probe reads: a footprint of a few LLCs
-    # is still partly served by a thrash-resistant L3 (measured: up to 1.15x at 2 threads)
-    footprint = max(3 * llc, args.bw_bytes)
+    footprint = max(3 * llc, args.bw_bytes)  # GEMV weights cycle through as many bytes as the probe reads
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
     gn, gk = (int(v) for v in args.gemm_shape.split("x"))
     print(f"kernel ISA: {ops.kernel_isa()}   LLC: {llc / 2**20:.0f} MiB   torch {torch.__version__}")

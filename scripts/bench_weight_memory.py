@@ -48,7 +48,7 @@ def main() -> None:
                 continue
             prep, mm = bm.matmul_fn(qtype, packed)
             w0 = bm.random_weight(qtype, n, k, rng)
-            copies = max(1, -(-max(3 * llc, 1 << 30) // w0.numel()))
+            copies = bm.dram_copies(w0.numel(), max(3 * llc, 1 << 30))
             ref = prep(w0)
             unpack = (lambda w: w[0]) if packed else (lambda w: w)
             repack = (lambda t: (t, ref[1])) if packed else (lambda t: t)
