@@ -5,9 +5,11 @@
 // 1. Every activation row is prepared once per call (float, or quantized to 8-bit blocks)
 //    into a thread-local scratch buffer (no allocation once it has grown).
 // 2. The N weight rows are split into contiguous ranges, one per thread (at::parallel_for,
-//    threads = torch.get_num_threads()). Inside a range, rows go in tiles small enough to
-//    stay in L1/L2; for each tile every activation row is applied while the tile is hot,
-//    so for prefill (large M) each weight byte comes from memory once, not M times.
+//    threads = torch.get_num_threads()). For M >= 2, rows go in tiles small enough to
+//    stay in L1/L2 inside a range; for each tile every activation row is applied while the
+//    tile is hot, so for prefill each weight byte comes from memory once, not M times. A
+//    GEMV (M = 1) hands the kernel its whole range, which it reads as several far-apart
+//    streams (rows_by4, and x4_gemv for the x4 layout).
 //
 // quant_matmul_exact runs the same driver with the kernels' Exact accumulation (float64
 // output): every block's fp32 term is added in float64, so the result for a row does not
@@ -171,6 +173,9 @@ at::Tensor run_quant_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qt
     const uint8_t* wp = w.data_ptr<uint8_t>();
     Out* yp = y.data_ptr<Out>();
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+        // GEMV: no tiles (they exist for the reuse of prefill); the kernel's streams span the
+        // thread's whole range (rows_by4)
+        if (M == 1) return rows(nb, wp + n0 * row_bytes, size_t(row_bytes), int(n1 - n0), act, yp + n0);
         for (int64_t t0 = n0; t0 < n1; t0 += tile) {
             const int nr = int(std::min(tile, n1 - t0));
             if (tile_fn != nullptr) {
