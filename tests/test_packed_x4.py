@@ -1,5 +1,5 @@
 """The x4 weight layout (csrc/quant/packed_x4.h) and its ops (Q4_0, Q5_0, Q8_0, Q4_K,
-Q6_K), against the same oracle as the row layout (tests/test_quant_ops.py: gguf dequantize
+Q5_K, Q6_K), against the same oracle as the row layout (tests/test_quant_ops.py: gguf dequantize
 + float64 matmul, with the bound of the activation's 8-bit rounding), plus the properties
 tensor parallelism relies on: lossless packing, results independent of row grouping,
 threads and K splits."""
@@ -14,7 +14,7 @@ from tp_numa import ops
 
 from test_quant_ops import check, make_weight
 
-X4_TYPES = [T.Q4_0, T.Q5_0, T.Q8_0, T.Q4_K, T.Q6_K]
+X4_TYPES = [T.Q4_0, T.Q5_0, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K]
 ISAS = ["scalar", "auto"]
 
 
@@ -112,7 +112,7 @@ def test_x4_exact_is_split_invariant(qtype):
 
 
 @pytest.mark.parametrize("exact", [False, True], ids=["fast", "exact"])
-@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda t: t.name)
 def test_x4_kquant_gemv_equals_prefill_rows(qtype, exact):
     """The K-quant GEMV (M = 1) reads a compact activation and builds its lane vectors in
     the kernel; prefill (M >= 2) reads them prepared. Same sums, same order: bitwise."""
@@ -126,7 +126,7 @@ def test_x4_kquant_gemv_equals_prefill_rows(qtype, exact):
         assert torch.equal(fn(x[m:m + 1], wp, int(qtype), 37), batch[m:m + 1]), f"row {m}"
 
 
-@pytest.mark.parametrize("qtype", [T.Q5_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q5_0, T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda t: t.name)
 def test_x4_threads_give_same_result(qtype):
     rng = np.random.default_rng(9)
     raw, _ = make_weight(qtype, 301, 512, rng)
@@ -144,7 +144,7 @@ def test_x4_threads_give_same_result(qtype):
 
 
 @pytest.mark.parametrize("bad, message", [
-    (lambda x, w: ops.pack_x4(w, int(T.Q5_K)), "type id 13 has no x4 layout"),
+    (lambda x, w: ops.pack_x4(w, int(T.IQ4_XS)), "type id 23 has no x4 layout"),
     (lambda x, w: ops.pack_x4(w[:, :30].contiguous(), 8), "not whole Q8_0 blocks"),
     (lambda x, w: ops.quant_matmul_x4(x, ops.pack_x4(w, 8), 8, 9), r"must be \[3, 272\]"),
     (lambda x, w: ops.quant_matmul_x4(x, ops.pack_x4(w, 8), 6, 5), "Q5_0 weight of n=5"),
@@ -160,7 +160,7 @@ def test_x4_bad_inputs_raise(bad, message):
         bad(x, w)
 
 
-@pytest.mark.parametrize("qtype", [T.Q5_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q5_0, T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda t: t.name)
 @pytest.mark.parametrize("op", ["quant_matmul_x4", "quant_matmul_x4_exact"])
 def test_x4_opcheck(op, qtype):
     rng = np.random.default_rng(11)
@@ -183,6 +183,7 @@ def test_which_weights_are_repacked(monkeypatch):
     assert x4_pays(int(T.Q8_0))                     # any width (3-stream x4 GEMV beats the row layout)
     assert x4_pays(int(T.Q4_K))                     # 4 rows' scales in one vpmaddwd
     assert x4_pays(int(T.Q6_K))
-    assert not x4_pays(int(T.Q5_K))                 # no x4 layout
+    assert x4_pays(int(T.Q5_K))
+    assert not x4_pays(int(T.IQ4_XS))               # no x4 layout
     monkeypatch.setenv("TP_NUMA_X4", "0")
     assert not x4_pays(int(T.Q5_0))

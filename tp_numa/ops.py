@@ -113,16 +113,17 @@ def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
     return torch.ops.tp_numa.quantize_q8_0(x)
 
 
-# GGML types with an x4 layout (csrc/quant/packed_x4.h): Q4_0, Q5_0, Q8_0, Q4_K, Q6_K.
-X4_QTYPES: tuple[int, ...] = (2, 6, 8, 12, 14)
+# GGML types with an x4 layout (csrc/quant/packed_x4.h): Q4_0, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K.
+X4_QTYPES: tuple[int, ...] = (2, 6, 8, 12, 13, 14)
 
 
 def pack_x4(w: torch.Tensor, qtype: int) -> torch.Tensor:
     """Raw GGUF rows uint8 ``[N, row_bytes]`` -> the x4 layout ``[ceil(N/4), 4 * row_bytes]``.
 
     Four rows interleaved block by block (same bytes per weight; a last group of N % 4 rows
-    is padded with zero blocks): the decode GEMV then reads one stream, shares each
-    activation load among 4 rows and needs no horizontal sums. Types: ``X4_QTYPES``.
+    is padded with zero blocks): the decode GEMV then reads each group as one stream (three
+    groups side by side per thread), shares each activation load among 4 rows and needs no
+    horizontal sums. Types: ``X4_QTYPES``.
     """
     return torch.ops.tp_numa.pack_x4(w, int(qtype))
 

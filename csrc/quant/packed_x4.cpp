@@ -3,6 +3,7 @@
 #include "quant/packed_x4.h"
 
 #include <cstring>
+#include <type_traits>
 
 namespace tp_numa::quant {
 namespace {
@@ -74,6 +75,7 @@ void load_group_codes(int64_t qtype, const uint8_t* p, uint8_t code[4][QK]) {
 // ---- Q4_K (packed_x4.h): 4 super-blocks per group block ----
 
 constexpr int kX4KHeader = 64;  // d[4], dmin[4], lo[32], hi[16]
+constexpr int kX4Q5KBits = kX4KHeader + 512;  // Q5_K: the fifth bits after the nibbles
 
 // A Q4_K block's 256 codes (0..15) in element order, and back.
 void q4k_codes(const BlockQ4_K& b, uint8_t code[QK_K]) {
@@ -88,6 +90,31 @@ void set_q4k_codes(const uint8_t code[QK_K], BlockQ4_K& b) {
     for (int c = 0; c < 4; ++c)
         for (int l = 0; l < 32; ++l) b.qs[32 * c + l] = uint8_t(code[64 * c + l] | code[64 * c + 32 + l] << 4);
 }
+
+// A Q5_K block's 256 codes (0..31) in element order, and back: Q4_K's nibbles, and bit 4
+// from qh (bit j of qh[l] belongs to element 32 j + l).
+void q5k_codes(const BlockQ5_K& b, uint8_t code[QK_K]) {
+    for (int c = 0; c < 4; ++c)
+        for (int l = 0; l < 32; ++l) {
+            code[64 * c + l] = uint8_t((b.qs[32 * c + l] & 15) | ((b.qh[l] >> (2 * c)) & 1) << 4);
+            code[64 * c + 32 + l] = uint8_t((b.qs[32 * c + l] >> 4) | ((b.qh[l] >> (2 * c + 1)) & 1) << 4);
+        }
+}
+
+void set_q5k_codes(const uint8_t code[QK_K], BlockQ5_K& b) {
+    std::memset(b.qh, 0, sizeof(b.qh));
+    for (int c = 0; c < 4; ++c)
+        for (int l = 0; l < 32; ++l) {
+            const uint8_t lo = code[64 * c + l], hi = code[64 * c + 32 + l];
+            b.qs[32 * c + l] = uint8_t((lo & 15) | (hi & 15) << 4);
+            b.qh[l] = uint8_t(b.qh[l] | (lo >> 4) << (2 * c) | (hi >> 4) << (2 * c + 1));
+        }
+}
+
+void block_k4_codes(const BlockQ4_K& b, uint8_t code[QK_K]) { q4k_codes(b, code); }
+void block_k4_codes(const BlockQ5_K& b, uint8_t code[QK_K]) { q5k_codes(b, code); }
+void set_block_k4_codes(const uint8_t code[QK_K], BlockQ4_K& b) { set_q4k_codes(code, b); }
+void set_block_k4_codes(const uint8_t code[QK_K], BlockQ5_K& b) { set_q5k_codes(code, b); }
 
 // The 12 packed scale bytes from 8 six-bit scales and mins (the inverse of k_scale_min).
 void pack_k_scales(const uint8_t sc[8], const uint8_t m[8], uint8_t s[12]) {
@@ -105,14 +132,16 @@ int x4k_mn_index(int r, int j) {
     return 16 * q + 2 * L + t;
 }
 
-void pack_group_q4k(const BlockQ4_K* const* blk, uint8_t* p) {
+// Q4_K and Q5_K (whose group block is Q4_K's, then the fifth bits: packed_x4.h).
+template <class B>
+void pack_group_q4k(const B* const* blk, uint8_t* p) {
     uint8_t code[4][QK_K] = {}, SC[32] = {}, MN[32] = {};
     uint16_t d[4] = {0, 0, 0, 0}, dmin[4] = {0, 0, 0, 0};
     for (int r = 0; r < 4; ++r) {
         if (blk[r] == nullptr) continue;  // padding row: d = dmin = 0, codes 0
         d[r] = blk[r]->d;
         dmin[r] = blk[r]->dmin;
-        q4k_codes(*blk[r], code[r]);
+        block_k4_codes(*blk[r], code[r]);
         for (int j = 0; j < 8; ++j) k_scale_min(j, blk[r]->scales, &SC[x4k_sc_index(r, j)], &MN[x4k_mn_index(r, j)]);
     }
     std::memcpy(p, d, 8);
@@ -125,11 +154,20 @@ void pack_group_q4k(const BlockQ4_K* const* blk, uint8_t* p) {
             for (int b = 0; b < 32; ++b) {
                 const int r = x4_row(b);
                 p[kX4KHeader + 128 * pr + 32 * m + b] =
-                    uint8_t(code[r][x4k_element(pr, 2 * m, b)] | code[r][x4k_element(pr, 2 * m + 1, b)] << 4);
+                    uint8_t((code[r][x4k_element(pr, 2 * m, b)] & 15) | (code[r][x4k_element(pr, 2 * m + 1, b)] & 15) << 4);
             }
+    if constexpr (std::is_same_v<B, BlockQ5_K>) {
+        for (int pr = 0; pr < 4; ++pr)
+            for (int b = 0; b < 32; ++b) {
+                uint8_t h = 0;
+                for (int v = 0; v < 8; ++v) h = uint8_t(h | (code[x4_row(b)][x4k_element(pr, v, b)] >> 4) << v);
+                p[kX4Q5KBits + 32 * pr + b] = h;
+            }
+    }
 }
 
-void unpack_group_q4k(const uint8_t* p, BlockQ4_K* const* blk) {
+template <class B>
+void unpack_group_q4k(const uint8_t* p, B* const* blk) {
     uint8_t SC[32], MN[32];
     for (int i = 0; i < 32; ++i) {
         const int c = i % 16, h = i / 16;
@@ -151,9 +189,11 @@ void unpack_group_q4k(const uint8_t* p, BlockQ4_K* const* blk) {
                 for (int b = 0; b < 32; ++b) {
                     if (x4_row(b) != r) continue;
                     const uint8_t byte = p[kX4KHeader + 128 * pr + 32 * (v / 2) + b];
-                    code[x4k_element(pr, v, b)] = v % 2 ? byte >> 4 : byte & 15;
+                    uint8_t c = v % 2 ? byte >> 4 : byte & 15;
+                    if constexpr (std::is_same_v<B, BlockQ5_K>) c = uint8_t(c | ((p[kX4Q5KBits + 32 * pr + b] >> v) & 1) << 4);
+                    code[x4k_element(pr, v, b)] = c;
                 }
-        set_q4k_codes(code, *blk[r]);
+        set_block_k4_codes(code, *blk[r]);
     }
 }
 
@@ -287,6 +327,8 @@ void pack_x4(int64_t qtype, const uint8_t* rows, size_t row_bytes, int64_t n_row
         uint8_t* p = out + gi * gb;
         if (qtype == kQ4_K) {
             pack_group_q4k(reinterpret_cast<const BlockQ4_K* const*>(blk), p);
+        } else if (qtype == kQ5_K) {
+            pack_group_q4k(reinterpret_cast<const BlockQ5_K* const*>(blk), p);
         } else if (qtype == kQ6_K) {
             pack_group_q6k(reinterpret_cast<const BlockQ6_K* const*>(blk), p);
         } else {
@@ -301,6 +343,8 @@ void unpack_x4(int64_t qtype, const uint8_t* packed, int64_t n_rows, int nb, uin
         const uint8_t* p = packed + gi * gb;
         if (qtype == kQ4_K) {
             unpack_group_q4k(p, reinterpret_cast<BlockQ4_K* const*>(blk));
+        } else if (qtype == kQ5_K) {
+            unpack_group_q4k(p, reinterpret_cast<BlockQ5_K* const*>(blk));
         } else if (qtype == kQ6_K) {
             unpack_group_q6k(p, reinterpret_cast<BlockQ6_K* const*>(blk));
         } else {

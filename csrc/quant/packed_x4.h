@@ -1,6 +1,6 @@
 // The "x4" weight layout: four GGUF rows interleaved block by block, made once at load
 // time for the types whose GEMV is compute-bound in the row layout (Q4_0, Q5_0, Q8_0,
-// Q4_K, Q6_K). Same bytes per weight as GGUF (a group block is 4 row blocks), no float copy.
+// Q4_K, Q5_K, Q6_K). Same bytes per weight as GGUF (a group block is 4 row blocks), no float copy.
 //
 // Rows 4g..4g+3 form group g (the last group of N % 4 != 0 rows is padded with zero
 // blocks, whose scale d = 0 makes them contribute nothing). A packed weight is uint8
@@ -44,6 +44,13 @@
 // high bits to bit 4). The 8 vpmaddubsw of a pair sum in int16 without overflow (codes
 // <= 15, |a| <= 127: 8 * 2 * 15 * 127 = 30480).
 //
+// Q5_K (4 super-blocks, 704 bytes) is Q4_K's group block (the same d, dmin, scales, mins
+// and low-nibble planes), then the fifth bits:
+//   qh[4][32]      pair p, byte b: bit v = bit 4 of code[p][v][b]            128 bytes
+// A 16-bit shift by 4 - v (left) or v - 4 (right) and an `and` bring bit v to bit 4 of
+// each byte (bits carried in from the neighbouring byte land elsewhere). Codes are 0..31,
+// so four vpmaddubsw sum in int16 (4 * 2 * 31 * 127 = 31496): two vpmaddwd per pair.
+//
 // Q6_K (4 super-blocks, 840 bytes) uses Q4_K's code-vector order, in which vectors 4t..4t+3
 // of pair p hold the 16-element sub-blocks g = 2p + t (low half) and g + 8 (high half):
 //   d[4]           f16 of rows 0..3                                             8 bytes
@@ -72,7 +79,7 @@ namespace tp_numa::quant {
 struct BlockQ8AX4 { float d; float s; int8_t qs[4][QK]; };
 static_assert(sizeof(BlockQ8AX4) == 136, "Q8AX4 block");
 
-// Activation super-block for the Q4_K and Q6_K x4 kernels: BlockQ8K's d and values (qs,
+// Activation super-block for the Q4_K, Q5_K and Q6_K x4 kernels: BlockQ8K's d and values (qs,
 // element order), and its sub-block sums arranged for the kernels: the 32-element sums
 // bsum32[j] = bsums[2j] + bsums[2j + 1] as the MN bytes, bsum[q][2L + t] =
 // bsum32[4q + 2(L / 4) + t], and for Q6_K bsum16[p][8h + 2r + t] = bsums[8h + 2p + t] (the
@@ -99,6 +106,7 @@ inline int x4_group_bytes(int64_t qtype) {
         case kQ5_0: return 4 * 22;
         case kQ8_0: return 4 * 34;
         case kQ4_K: return 4 * 144;
+        case kQ5_K: return 4 * 176;
         case kQ6_K: return 4 * 210;
         default: return 0;
     }
@@ -107,7 +115,7 @@ inline int x4_group_bytes(int64_t qtype) {
 // Element of the block that lane-order byte j of code vector v holds, and its row.
 inline int x4_element(int v, int j) { return 4 * (2 * v + j / 16) + j % 4; }
 inline int x4_row(int j) { return (j / 4) % 4; }
-// Q4_K / Q6_K: element of the super-block that byte b of code vector v of pair p holds
+// Q4_K / Q5_K / Q6_K: element of the super-block that byte b of code vector v of pair p holds
 // (row x4_row(b)).
 inline int x4k_element(int p, int v, int b) { return 32 * (p + 4 * (b / 16)) + 4 * v + b % 4; }
 
@@ -138,12 +146,12 @@ void expand_act_kx4(const void* q8k, int nb, void* out);
 void expand_act_kx4l(const void* q8k, int nb, void* out);
 
 // y[4g + r] = dot(row 4g + r, act) for the groups [0, ngroups) starting at w (group_stride
-// bytes apart); act = BlockQ8AX4 (BlockQ8KX4 for Q4_K / Q6_K) blocks. Out = float (Fast) or double (Exact).
+// bytes apart); act = BlockQ8AX4 (BlockQ8KX4 for the K-quants) blocks. Out = float (Fast) or double (Exact).
 using RowsX4Fn = void (*)(int nb, const uint8_t* w, size_t group_stride, int ngroups, const void* act, float* y);
 using RowsX4ExactFn = void (*)(int nb, const uint8_t* w, size_t group_stride, int ngroups, const void* act,
                                double* y);
 // Prefill: y[m * y_stride + 4g + r] for mrows activation rows act + m * act_stride
-// (BlockQ8AX4, or BlockQ8KX4L for Q4_K / Q6_K).
+// (BlockQ8AX4, or BlockQ8KX4L for the K-quants).
 using TileX4Fn = void (*)(int nb, const uint8_t* w, size_t group_stride, int ngroups, const uint8_t* act,
                           size_t act_stride, int mrows, float* y, size_t y_stride);
 using TileX4ExactFn = void (*)(int nb, const uint8_t* w, size_t group_stride, int ngroups, const uint8_t* act,

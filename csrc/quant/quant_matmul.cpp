@@ -201,7 +201,7 @@ at::Tensor run_quant_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qt
 const TypeInfo* check_x4_type(const char* op, int64_t qtype) {
     const TypeInfo* ti = quant::type_info(qtype);
     TORCH_CHECK(ti != nullptr && quant::x4_group_bytes(qtype) > 0, op, ": GGML type id ", qtype,
-                " has no x4 layout (Q4_0=2, Q5_0=6, Q8_0=8, Q4_K=12 and Q6_K=14 do)");
+                " has no x4 layout (Q4_0=2, Q5_0=6, Q8_0=8, Q4_K=12, Q5_K=13 and Q6_K=14 do)");
     return ti;
 }
 

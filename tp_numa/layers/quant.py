@@ -6,7 +6,7 @@ GGUF weights stay in their block format: a ``[N, K]`` weight is ``uint8 [N, row_
 raw rows, and the native op ``tp_numa.ops.quant_matmul`` multiplies on the blocks
 (F32/F16/BF16 rows go through the same op).
 
-Q4_0, Q5_0, Q8_0, Q4_K and Q6_K weights of the decoder layers and of the LM head (a tied
+Q4_0, Q5_0, Q8_0, Q4_K, Q5_K and Q6_K weights of the decoder layers and of the LM head (a tied
 head through its embedding, ``VocabParallelEmbedding.repack_x4``) are repacked once at load
 time into the x4 layout (``tp_numa.ops.pack_x4``: four rows interleaved block by block, same
 bytes): their GEMV is compute-bound in the row layout and runs 1.3-1.7x faster packed
@@ -65,7 +65,7 @@ class GGUFLinearMethod(LinearMethodBase):
 
 
 class X4LinearMethod(LinearMethodBase):
-    """Q4_0/Q5_0/Q8_0/Q4_K/Q6_K rows repacked once into the x4 layout (``ops.pack_x4``):
+    """Q4_0/Q5_0/Q8_0/Q4_K/Q5_K/Q6_K rows repacked once into the x4 layout (``ops.pack_x4``):
     ``y[M, N] = quant_matmul_x4(x[M, K], packed, qtype, N)``."""
 
     def create_weights(self, layer: nn.Module, name: str, rows: torch.Tensor, qtype: int) -> None:
@@ -99,7 +99,7 @@ def x4_enabled() -> bool:
 
 def x4_pays(qtype: int) -> bool:
     """Whether a weight of this type is repacked into the x4 layout: every type that has
-    one (Q4_0, Q5_0, Q8_0, Q4_K, Q6_K), unless ``TP_NUMA_X4=0``. (Q8_0 rows of 1 KiB or
+    one (Q4_0, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K), unless ``TP_NUMA_X4=0``. (Q8_0 rows of 1 KiB or
     more stayed in the row layout until the x4 GEMV read 3 streams per thread; since then
     x4 is faster at every width: 1.30-1.49x at 1 thread, 1.07-1.49x at 2, for 4096x4096,
     11008x4096 and 4864x896, docs/kernels.md.)"""
