@@ -132,9 +132,9 @@ int x4k_mn_index(int r, int j) {
     return 16 * q + 2 * L + t;
 }
 
-// Q4_K and Q5_K (whose group block is Q4_K's, then the fifth bits: packed_x4.h).
+// Q4_K and Q5_K ("K4": Q5_K's group block is Q4_K's, then the fifth bits: packed_x4.h).
 template <class B>
-void pack_group_q4k(const B* const* blk, uint8_t* p) {
+void pack_group_k4(const B* const* blk, uint8_t* p) {
     uint8_t code[4][QK_K] = {}, SC[32] = {}, MN[32] = {};
     uint16_t d[4] = {0, 0, 0, 0}, dmin[4] = {0, 0, 0, 0};
     for (int r = 0; r < 4; ++r) {
@@ -167,7 +167,7 @@ void pack_group_q4k(const B* const* blk, uint8_t* p) {
 }
 
 template <class B>
-void unpack_group_q4k(const uint8_t* p, B* const* blk) {
+void unpack_group_k4(const uint8_t* p, B* const* blk) {
     uint8_t SC[32], MN[32];
     for (int i = 0; i < 32; ++i) {
         const int c = i % 16, h = i / 16;
@@ -326,9 +326,9 @@ void pack_x4(int64_t qtype, const uint8_t* rows, size_t row_bytes, int64_t n_row
     for_each_group_block(n_rows, nb, row_bytes, row_block_bytes(qtype), rows, [&](size_t gi, const uint8_t** blk) {
         uint8_t* p = out + gi * gb;
         if (qtype == kQ4_K) {
-            pack_group_q4k(reinterpret_cast<const BlockQ4_K* const*>(blk), p);
+            pack_group_k4(reinterpret_cast<const BlockQ4_K* const*>(blk), p);
         } else if (qtype == kQ5_K) {
-            pack_group_q4k(reinterpret_cast<const BlockQ5_K* const*>(blk), p);
+            pack_group_k4(reinterpret_cast<const BlockQ5_K* const*>(blk), p);
         } else if (qtype == kQ6_K) {
             pack_group_q6k(reinterpret_cast<const BlockQ6_K* const*>(blk), p);
         } else {
@@ -342,9 +342,9 @@ void unpack_x4(int64_t qtype, const uint8_t* packed, int64_t n_rows, int nb, uin
     for_each_group_block(n_rows, nb, size_t(nb) * bb, bb, rows, [&](size_t gi, uint8_t** blk) {
         const uint8_t* p = packed + gi * gb;
         if (qtype == kQ4_K) {
-            unpack_group_q4k(p, reinterpret_cast<BlockQ4_K* const*>(blk));
+            unpack_group_k4(p, reinterpret_cast<BlockQ4_K* const*>(blk));
         } else if (qtype == kQ5_K) {
-            unpack_group_q4k(p, reinterpret_cast<BlockQ5_K* const*>(blk));
+            unpack_group_k4(p, reinterpret_cast<BlockQ5_K* const*>(blk));
         } else if (qtype == kQ6_K) {
             unpack_group_q6k(p, reinterpret_cast<BlockQ6_K* const*>(blk));
         } else {
