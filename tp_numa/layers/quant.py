@@ -9,8 +9,8 @@ raw rows, and the native op ``tp_numa.ops.quant_matmul`` multiplies on the block
 Q4_0, Q5_0, Q8_0, Q4_K, Q5_K and Q6_K weights of the decoder layers and of the LM head (a tied
 head through its embedding, ``VocabParallelEmbedding.repack_x4``) are repacked once at load
 time into the x4 layout (``tp_numa.ops.pack_x4``: four rows interleaved block by block, same
-bytes): their GEMV is compute-bound in the row layout and runs 1.3-1.7x faster packed
-(in cache). ``TP_NUMA_X4=0`` keeps the raw rows (for A/B benchmarks).
+bytes): their GEMV is compute-bound in the row layout and runs 1.2-1.7x faster packed
+(in cache; Q5_K, added last, 1.23x). ``TP_NUMA_X4=0`` keeps the raw rows (for A/B benchmarks).
 """
 from __future__ import annotations
 
