@@ -37,23 +37,74 @@ void set_block_codes(int64_t qtype, const uint8_t code[QK], uint8_t* blk) {
 
 int row_block_bytes(int64_t qtype) { return x4_group_bytes(qtype) / 4; }
 
+// ---- Q5_0 (packed_x4.h): qh[16], a[32], b[32] ----
+//
+// x4q5_carry_* and x4q5_high_* are what X4Q5_0::codes computes, byte by byte: the 16-bit
+// shift of a / b right by 5, and qh shifted per 128-bit half (64-bit shifts), each masked
+// to the 5 bits the kernel keeps. Code 2 = carry(a) ^ high_2, code 3 = carry(b) ^ high_3.
+
+// Bits 0..4 of byte j of (x >> 5) in 16-bit lanes: x[j]'s top 3 bits, and for even j the
+// low 2 bits of x[j + 1] above them.
+uint8_t x4q5_carry(const uint8_t* x, int j) {
+    const int up = j % 2 == 0 ? x[j + 1] << 3 : 0;
+    return uint8_t(((x[j] >> 5) | up) & 31);
+}
+
+// Bits 0..4 of byte j of qh (broadcast to both halves) shifted right by 1 (low half, j < 16)
+// or 3 (high half): bits 1..5 / 3..7 of qh[j % 16].
+uint8_t x4q5_high_2(const uint8_t* qh, int j) { return uint8_t((qh[j % 16] >> (j < 16 ? 1 : 3)) & 31); }
+
+// ... shifted left by 3 (low half) or 1 (high half): qh[k]'s low bits, and the previous
+// byte's top bits within the 64-bit lane.
+uint8_t x4q5_high_3(const uint8_t* qh, int j) {
+    const int k = j % 16, s = j < 16 ? 3 : 1;
+    const int prev = k % 8 != 0 ? qh[k - 1] >> (8 - s) : 0;
+    return uint8_t(((qh[k] << s) | prev) & 31);
+}
+
+// Codes 0 and 1 go to bits 0..4 of a and b. Bits 3..4 of codes 2 and 3 are then fixed by qh
+// alone (the carried-in bits of a and b are code 0 / 1 bits): bits 4..5 (code 2) and 0..1
+// (code 3) of qh[k] for byte k, bits 6..7 and 2..3 for byte k + 16. Last, the top 3 bits
+// of a and b make bits 0..2 right.
+void store_group_q5_0(const uint8_t code[4][QK], uint8_t* p) {
+    uint8_t *qh = p, *a = p + 16, *b = p + 48;
+    for (int j = 0; j < QK; ++j) {
+        a[j] = code[0][j];
+        b[j] = code[1][j];
+    }
+    std::memset(qh, 0, 16);
+    for (int j = 0; j < QK; ++j) {
+        const int hi2 = ((code[2][j] ^ x4q5_carry(a, j)) >> 3) & 3, hi3 = ((code[3][j] ^ x4q5_carry(b, j)) >> 3) & 3;
+        qh[j % 16] = uint8_t(qh[j % 16] | (j < 16 ? hi2 << 4 | hi3 : hi2 << 6 | hi3 << 2));
+    }
+    for (int j = 0; j < QK; ++j) {
+        a[j] = uint8_t(a[j] | ((code[2][j] ^ x4q5_high_2(qh, j)) & 7) << 5);
+        b[j] = uint8_t(b[j] | ((code[3][j] ^ x4q5_high_3(qh, j)) & 7) << 5);
+    }
+}
+
+void load_group_q5_0(const uint8_t* p, uint8_t code[4][QK]) {
+    const uint8_t *qh = p, *a = p + 16, *b = p + 48;
+    for (int j = 0; j < QK; ++j) {
+        code[0][j] = a[j] & 31;
+        code[1][j] = b[j] & 31;
+        code[2][j] = x4q5_carry(a, j) ^ x4q5_high_2(qh, j);
+        code[3][j] = x4q5_carry(b, j) ^ x4q5_high_3(qh, j);
+    }
+}
+
 // Lane-order codes of a group block <-> its bytes after the 8 scale bytes.
 void store_group_codes(int64_t qtype, const uint8_t code[4][QK], uint8_t* p) {
     if (qtype == kQ8_0) {
         std::memcpy(p, code, 4 * QK);
         return;
     }
-    uint8_t* qs = p;
     if (qtype == kQ5_0) {
-        uint8_t* qh = p;
-        std::memset(qh, 0, 16);
-        for (int v = 0; v < 4; ++v)
-            for (int j = 0; j < QK; ++j)
-                if (code[v][j] & 16) qh[j % 16] |= uint8_t(1 << (2 * v + (j >= 16)));
-        qs = p + 16;
+        store_group_q5_0(code, p);
+        return;
     }
     for (int m = 0; m < 2; ++m)
-        for (int j = 0; j < QK; ++j) qs[32 * m + j] = uint8_t((code[2 * m][j] & 15) | (code[2 * m + 1][j] & 15) << 4);
+        for (int j = 0; j < QK; ++j) p[32 * m + j] = uint8_t((code[2 * m][j] & 15) | (code[2 * m + 1][j] & 15) << 4);
 }
 
 void load_group_codes(int64_t qtype, const uint8_t* p, uint8_t code[4][QK]) {
@@ -61,15 +112,15 @@ void load_group_codes(int64_t qtype, const uint8_t* p, uint8_t code[4][QK]) {
         std::memcpy(code, p, 4 * QK);
         return;
     }
-    const uint8_t* qs = qtype == kQ5_0 ? p + 16 : p;
+    if (qtype == kQ5_0) {
+        load_group_q5_0(p, code);
+        return;
+    }
     for (int m = 0; m < 2; ++m)
         for (int j = 0; j < QK; ++j) {
-            code[2 * m][j] = qs[32 * m + j] & 15;
-            code[2 * m + 1][j] = qs[32 * m + j] >> 4;
+            code[2 * m][j] = p[32 * m + j] & 15;
+            code[2 * m + 1][j] = p[32 * m + j] >> 4;
         }
-    if (qtype == kQ5_0)
-        for (int v = 0; v < 4; ++v)
-            for (int j = 0; j < QK; ++j) code[v][j] |= uint8_t(((p[j % 16] >> (2 * v + (j >= 16))) & 1) << 4);
 }
 
 // ---- Q4_K (packed_x4.h): 4 super-blocks per group block ----

@@ -11,16 +11,23 @@
 //               code vector v (0..3), byte j (0..31) = row (j / 4) % 4, element
 //               4 * (2v + j / 16) + j % 4 of the block.
 //     Q4_0:  qs[64]: byte j of half m (0, 1) = code[2m][j] | code[2m+1][j] << 4   64 bytes
-//     Q5_0:  qh[16] then qs[64] as Q4_0 for the low 4 bits; bit 4 of code[v][j] is bit
-//            2v + (j >= 16) of qh[j % 16]                                       80 bytes
+//     Q5_0:  qh[16], a[32], b[32]                                             80 bytes
+//            code[0][j] = a[j] & 31, code[1][j] = b[j] & 31, and (16-bit lanes for
+//            >> 5, 64-bit lanes for the qh shifts, qh broadcast to both halves)
+//            code[2] = ((a >> 5) ^ (qh >> (1 | 3))) & 31  (shift 1 in the low half, 3 high)
+//            code[3] = ((b >> 5) ^ (qh << (3 | 1))) & 31  (shift 3 in the low half, 1 high)
+//            The packer sets qh from codes 2/3's bits 3..4 and the bits a >> 5 / b >> 5
+//            carry in from the next byte (codes 0/1), then a's / b's top 3 bits so that
+//            bits 0..2 come out right (packed_x4.cpp, store_group_q5_0).
 //     Q8_0:  qs[128]: code[v][j] at 32v + j (signed)                            128 bytes
 //
 // Why: each 32-bit lane of a code vector holds 4 consecutive elements of one row, so one
 // vpmaddubsw + vpmaddwd against an activation vector whose lanes repeat the matching 4
 // activation bytes ("BlockQ8AX4", prepared once per call) gives every row's partial sum in
 // its own lanes: no horizontal sums, one scale vector d[4] per group block, the activation
-// loads shared by 4 rows, and a single prefetch stream. Q5_0's high bits unpack with one
-// 64-bit variable shift and an and per code vector (the bit order above is chosen for it).
+// loads shared by 4 rows, and a single prefetch stream. Q5_0's codes unpack with 10 vector
+// uops for the 4 vectors (Q4_0's nibble planes and a fifth bit placed per vector took 18:
+// in cache 1.15-1.23x, from DRAM at 1 thread 0.70-0.81 -> 0.84-0.89 of the probe).
 //
 // Q4_K (a group block is 4 super-blocks of 256 elements, 576 bytes): sub-block j (0..7)
 // of the 4 rows is dotted in the same lane order, with sub-blocks j and j + 4 sharing
