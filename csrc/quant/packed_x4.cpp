@@ -39,16 +39,19 @@ int row_block_bytes(int64_t qtype) { return x4_group_bytes(qtype) / 4; }
 
 // ---- Q5_0 (packed_x4.h): qh[16], a[32], b[32] ----
 //
-// x4q5_carry_* and x4q5_high_* are what X4Q5_0::codes computes, byte by byte: the 16-bit
+// x4q5_carry and x4q5_high_* are what X4Q5_0::codes computes, byte by byte: the 16-bit
 // shift of a / b right by 5, and qh shifted per 128-bit half (64-bit shifts), each masked
 // to the 5 bits the kernel keeps. Code 2 = carry(a) ^ high_2, code 3 = carry(b) ^ high_3.
 
-// Bits 0..4 of byte j of (x >> 5) in 16-bit lanes: x[j]'s top 3 bits, and for even j the
-// low 2 bits of x[j + 1] above them.
-uint8_t x4q5_carry(const uint8_t* x, int j) {
-    const int up = j % 2 == 0 ? x[j + 1] << 3 : 0;
-    return uint8_t(((x[j] >> 5) | up) & 31);
+// Byte j of the vector x shifted right by s (0 < s < 8) in 16-bit lanes (vpsrlw): x[j]'s
+// top bits, and for even j (a lane's low byte) the low bits of x[j + 1] above them.
+uint8_t srl16_byte(const uint8_t* x, int j, int s) {
+    const int up = j % 2 == 0 ? x[j + 1] << (8 - s) : 0;
+    return uint8_t((x[j] >> s) | up);
 }
+
+// Bits 0..4 of byte j of x >> 5 (16-bit lanes).
+uint8_t x4q5_carry(const uint8_t* x, int j) { return srl16_byte(x, j, 5) & 31; }
 
 // Bits 0..4 of byte j of qh (broadcast to both halves) shifted right by 1 (low half, j < 16)
 // or 3 (high half): bits 1..5 / 3..7 of qh[j % 16].
@@ -278,6 +281,43 @@ int x4q6_sc_index(int r, int s) {
     return 16 * p + 8 * h + 2 * r + t;
 }
 
+// Code 3 of a Q6_K half-pair from its planes a, b, c (X4 x4q6_codes, byte by byte):
+// (a >> 6 ^ b >> 4 ^ c >> 2) & 63 in 16-bit lanes.
+uint8_t x4q6_code3(const uint8_t* a, const uint8_t* b, const uint8_t* c, int j) {
+    return uint8_t((srl16_byte(a, j, 6) ^ srl16_byte(b, j, 4) ^ srl16_byte(c, j, 2)) & 63);
+}
+
+// Half t of pair p (codes 4t..4t+3, 96 bytes at x): codes 0..2 go to bits 0..5 of the planes
+// a, b, c. Code 3's bits 0..1, 2..3 and 4..5 each get one free bit pair, a's, b's and c's
+// bits 6..7; the other terms there are code 0..2 bits of this byte or the next, already
+// set. So: planes with codes 0..2, then each free pair = the wanted bits xor code3 as it
+// comes out with the free pairs still 0.
+void store_q6k_half(const uint8_t code[4][32], uint8_t* x) {
+    uint8_t *a = x, *b = x + 32, *c = x + 64;
+    for (int j = 0; j < 32; ++j) {
+        a[j] = code[0][j];
+        b[j] = code[1][j];
+        c[j] = code[2][j];
+    }
+    uint8_t fix[32];
+    for (int j = 0; j < 32; ++j) fix[j] = uint8_t(code[3][j] ^ x4q6_code3(a, b, c, j));
+    for (int j = 0; j < 32; ++j) {
+        a[j] = uint8_t(a[j] | (fix[j] & 3) << 6);
+        b[j] = uint8_t(b[j] | (fix[j] >> 2 & 3) << 6);
+        c[j] = uint8_t(c[j] | (fix[j] >> 4 & 3) << 6);
+    }
+}
+
+void load_q6k_half(const uint8_t* x, uint8_t code[4][32]) {
+    const uint8_t *a = x, *b = x + 32, *c = x + 64;
+    for (int j = 0; j < 32; ++j) {
+        code[0][j] = a[j] & 63;
+        code[1][j] = b[j] & 63;
+        code[2][j] = c[j] & 63;
+        code[3][j] = x4q6_code3(a, b, c, j);
+    }
+}
+
 void pack_group_q6k(const BlockQ6_K* const* blk, uint8_t* p) {
     uint8_t code[4][QK_K] = {};
     uint16_t d[4] = {0, 0, 0, 0};
@@ -289,41 +329,29 @@ void pack_group_q6k(const BlockQ6_K* const* blk, uint8_t* p) {
         for (int s = 0; s < 16; ++s) p[8 + x4q6_sc_index(r, s)] = uint8_t(blk[r]->scales[s]);
     }
     std::memcpy(p, d, 8);
-    for (int pr = 0; pr < 4; ++pr) {
-        uint8_t* q = p + kX4Q6Header + 192 * pr;
-        for (int b = 0; b < 32; ++b) {
-            const int r = x4_row(b);
-            uint8_t c[8];
-            for (int v = 0; v < 8; ++v) c[v] = code[r][x4k_element(pr, v, b)];
-            for (int m = 0; m < 4; ++m) q[32 * m + b] = uint8_t((c[2 * m] & 15) | (c[2 * m + 1] & 15) << 4);
-            for (int n = 0; n < 2; ++n) {
-                uint8_t hb = 0;
-                for (int k = 0; k < 4; ++k) hb |= uint8_t((c[4 * n + k] >> 4) << (2 * k));
-                q[128 + 32 * n + b] = hb;
-            }
+    for (int pr = 0; pr < 4; ++pr)
+        for (int t = 0; t < 2; ++t) {
+            uint8_t c[4][32];
+            for (int k = 0; k < 4; ++k)
+                for (int b = 0; b < 32; ++b) c[k][b] = code[x4_row(b)][x4k_element(pr, 4 * t + k, b)];
+            store_q6k_half(c, p + kX4Q6Header + 192 * pr + 96 * t);
         }
-    }
 }
 
 void unpack_group_q6k(const uint8_t* p, BlockQ6_K* const* blk) {
+    uint8_t code[4][QK_K] = {};
+    for (int pr = 0; pr < 4; ++pr)
+        for (int t = 0; t < 2; ++t) {
+            uint8_t c[4][32];
+            load_q6k_half(p + kX4Q6Header + 192 * pr + 96 * t, c);
+            for (int k = 0; k < 4; ++k)
+                for (int b = 0; b < 32; ++b) code[x4_row(b)][x4k_element(pr, 4 * t + k, b)] = c[k][b];
+        }
     for (int r = 0; r < 4; ++r) {
         if (blk[r] == nullptr) continue;
         std::memcpy(&blk[r]->d, p + 2 * r, 2);
         for (int s = 0; s < 16; ++s) blk[r]->scales[s] = int8_t(p[8 + x4q6_sc_index(r, s)]);
-        uint8_t code[QK_K];
-        for (int pr = 0; pr < 4; ++pr) {
-            const uint8_t* q = p + kX4Q6Header + 192 * pr;
-            for (int b = 0; b < 32; ++b) {
-                if (x4_row(b) != r) continue;
-                for (int v = 0; v < 8; ++v) {
-                    const uint8_t lo = q[32 * (v / 2) + b];
-                    const uint8_t hi = q[128 + 32 * (v / 4) + b];
-                    code[x4k_element(pr, v, b)] =
-                        uint8_t((v % 2 ? lo >> 4 : lo & 15) | ((hi >> (2 * (v % 4))) & 3) << 4);
-                }
-            }
-        }
-        set_q6k_codes(code, *blk[r]);
+        set_q6k_codes(code[r], *blk[r]);
     }
 }
 

@@ -66,9 +66,11 @@
 //                  (BlockQ8KX4::bsum16) gives each row's "32 * sum sc * bsum" term in its
 //                  lanes, and one vpshufb of it per t is the scale vector of sub-block
 //                  pair g                                                       64 bytes
-//   qs[4][192]     pair p: lo[4][32] (half-vector m: code[2m] | code[2m+1] << 4, low 4
-//                  bits), hi[2][32] (byte b of hi[n]: bits 4..5 of code[4n + k][b] at bits
-//                  2k..2k+1); the unsigned code u = q + 32 in 0..63               768 bytes
+//   qs[4][2][96]   pair p, half t: planes a[32], b[32], c[32] of codes 4t..4t+3 (the
+//                  unsigned code u = q + 32 in 0..63): codes 4t..4t+2 = bits 0..5 of a, b,
+//                  c; code 4t+3 = (a >> 6 ^ b >> 4 ^ c >> 2) & 63 in 16-bit lanes, the
+//                  top 2 bits of a / b / c set by the packer to give code 4t+3's bits
+//                  0..1 / 2..3 / 4..5 (packed_x4.cpp, store_q6k_half)       768 bytes
 // Two vpmaddubsw sum in int16 (2 * 2 * 63 * 127 = 32004) before each vpmaddwd.
 //
 // The arithmetic for a row depends only on that row (each lane sees one row), so results
