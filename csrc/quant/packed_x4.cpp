@@ -281,7 +281,7 @@ int x4q6_sc_index(int r, int s) {
     return 16 * p + 8 * h + 2 * r + t;
 }
 
-// Code 3 of a Q6_K half-pair from its planes a, b, c (X4 x4q6_codes, byte by byte):
+// Code 3 of a Q6_K half-pair from its planes a, b, c (what x4q6_codes computes, byte by byte):
 // (a >> 6 ^ b >> 4 ^ c >> 2) & 63 in 16-bit lanes.
 uint8_t x4q6_code3(const uint8_t* a, const uint8_t* b, const uint8_t* c, int j) {
     return uint8_t((srl16_byte(a, j, 6) ^ srl16_byte(b, j, 4) ^ srl16_byte(c, j, 2)) & 63);
