@@ -29,7 +29,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-t", "--threads", type=int, default=1)
     ap.add_argument("--ctx", default="128,512,1024,2048,4096", help="comma list of context lengths")
-    ap.add_argument("--cache-type", default="f16", choices=("f16", "bf16", "f32"))
+    ap.add_argument("--cache-type", default="f16", choices=("f16", "bf16", "f32", "q8_0"),
+                    help="KV cache storage (q8_0: GGUF Q8_0 blocks, read by the ops directly)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=20, help="calls per round")
     args = ap.parse_args()
@@ -37,7 +38,7 @@ def main() -> int:
     import torch
 
     from tp_numa import attention_ops
-    from tp_numa.layers.attention import kv_cache_dtype
+    from tp_numa.layers.attention import kv_cache_dtype, to_cache
 
     if not attention_ops.available():
         raise SystemExit("native attention ops are not built (scripts/build_ext.sh)")
@@ -52,8 +53,8 @@ def main() -> int:
     for name, (H, n_kv, D, layers) in MODELS.items():
         for n in ctxs:
             q = torch.randn(H, D)
-            k = torch.randn(n, n_kv, D).to(dt)
-            v = torch.randn(n, n_kv, D).to(dt)
+            k = to_cache(torch.randn(n, n_kv, D), dt)
+            v = to_cache(torch.randn(n, n_kv, D), dt)
             for _ in range(3):
                 attention_ops.attn_decode(q, k, v, n, 0.125)
             best = float("inf")
@@ -70,8 +71,8 @@ def main() -> int:
     T = 512
     for name, (H, n_kv, D, _) in MODELS.items():
         q = torch.randn(T, H, D)
-        k = torch.randn(T, n_kv, D).to(dt)
-        v = torch.randn(T, n_kv, D).to(dt)
+        k = to_cache(torch.randn(T, n_kv, D), dt)
+        v = to_cache(torch.randn(T, n_kv, D), dt)
         attention_ops.attn_prefill(q, k, v, T, 0, 0.125, -1)
         best = float("inf")
         for _ in range(max(1, args.rounds // 2)):

@@ -83,8 +83,8 @@ def llc_bytes() -> int:
 
 
 # Read patterns the probe tries (streams per thread, software prefetch bytes ahead): which
-# is fastest depends on the machine. Here 3 streams read fastest at 1 and 2 threads
-# (session 7; 2 streams ~20 % faster than 8 at 1 thread, session 6); the benchmark's
+# is fastest depends on the machine. On the 2-core test machine 3 streams read fastest at
+# 1 and 2 threads (and 2 streams ~20 % faster than 8 at 1 thread); the benchmark's
 # ceiling is the best of them, never one fixed pattern.
 PROBE_PATTERNS = [(1, 0), (2, 0), (2, 1024), (3, 0), (3, 1024), (4, 0), (8, 0)]
 

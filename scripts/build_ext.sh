@@ -4,7 +4,8 @@
 # library is moved into place atomically so running processes keep their old copy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec 9>/tmp/tp_numa_build.lock
+mkdir -p build
+exec 9>build/.build_ext.lock
 flock 9
 MAX_JOBS=${MAX_JOBS:-2} .venv/bin/python setup.py -q build_ext -b build/lib >&2
 so=$(ls build/lib/tp_numa/_C*.so)
