@@ -10,6 +10,10 @@ of 32), vocab 301. No tokenizer: the model tests feed ids.
 SentencePiece-style vocabulary (for the engine, CLI and bench tests); its knobs break it
 in exactly one way each (drop a tensor, give one tensor an unsupported type, name an
 unknown architecture) for the error-path tests.
+
+Both take ``meta``: ``{arch}.*`` metadata keys (without the ``{arch}.`` prefix) to set to
+another value (its Python type picks the GGUF type, see ``_add_kv``) or, with ``None``, to
+leave out. ``Spec.tensors`` / ``write_tiny_llama(extra_tensors=)`` add F32 tensors by name.
 """
 from __future__ import annotations
 
@@ -45,6 +49,8 @@ class Spec:
     extra_kv: dict = field(default_factory=dict)
     drop: tuple = ()                                      # tensor names left out
     types: dict = field(default_factory=dict)             # tensor name -> type override
+    meta: dict = field(default_factory=dict)              # metadata key -> value (None: left out)
+    tensors: dict = field(default_factory=dict)           # extra tensor name -> float array
 
 
 def gemma3_spec(**kw) -> Spec:
@@ -80,15 +86,17 @@ _F16_SCALE_OFFSETS = {QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208,), QT.Q2_K
 _QUANTIZABLE = {QT.F32, QT.F16, QT.BF16, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0}
 
 
-def write_model(path: str | Path, spec: Spec) -> Path:
-    """Write a loadable GGUF for ``spec`` (no tokenizer: the model tests feed ids)."""
+def write_model(path: str | Path, spec: Spec, ffn_writer=None) -> Path:
+    """Write a loadable GGUF for ``spec`` (no tokenizer: the model tests feed ids).
+
+    ``ffn_writer(w, store, rng, layer)`` writes a layer's FFN tensors instead of the dense
+    ones (``store(name, array, qtype)``; the MoE models of tests/synthetic_moe.py)."""
     path = Path(path)
     rng = np.random.default_rng(spec.seed)
     s = spec
+    meta = ({"attention.sliding_window": s.window} if s.arch == "gemma3" else {}) | s.meta
     w = _writer(path, s.arch, s.n_layers, 512, s.d_model, s.ffn, s.n_heads, s.n_kv, s.eps, s.rope_base,
-                head_dim=s.head_dim)
-    if s.arch == "gemma3":
-        w.add_sliding_window(s.window)
+                head_dim=s.head_dim, meta=meta)
     for k, v in s.extra_kv.items():
         w.add_float32(f"{s.arch}.{k}", v)
 
@@ -114,42 +122,65 @@ def write_model(path: str | Path, spec: Spec) -> Path:
         _store(w, p + "attn_q.weight", mat(s.n_heads * hd, d, 2.0), s.weight_type)
         _store(w, p + "attn_k.weight", mat(s.n_kv * hd, d, 2.0), s.weight_type)
         _store(w, p + "attn_v.weight", mat(s.n_kv * hd, d), s.v_type)
-        if s.arch == "qwen2":
+        if s.arch in ("qwen2", "qwen2moe"):
             _store(w, p + "attn_q.bias", 0.1 * rng.standard_normal(s.n_heads * hd), QT.F32)
             _store(w, p + "attn_k.bias", 0.1 * rng.standard_normal(s.n_kv * hd), QT.F32)
             _store(w, p + "attn_v.bias", 0.1 * rng.standard_normal(s.n_kv * hd), QT.F32)
-        if s.arch in ("qwen3", "gemma3"):
+        if s.arch in ("qwen3", "gemma3", "qwen3moe"):
             _store(w, p + "attn_q_norm.weight", vec(hd), QT.F32)
             _store(w, p + "attn_k_norm.weight", vec(hd), QT.F32)
         _store(w, p + "attn_output.weight", mat(d, s.n_heads * hd), s.weight_type)
         _store(w, p + "ffn_norm.weight", vec(d), QT.F32)
-        _store(w, p + "ffn_gate.weight", mat(s.ffn, d), s.weight_type)
-        _store(w, p + "ffn_up.weight", mat(s.ffn, d), s.weight_type)
-        _store(w, p + "ffn_down.weight", mat(d, s.ffn), s.down_type)
+        if ffn_writer is not None:
+            ffn_writer(w, lambda name, arr, qtype: _store(w, name, arr, qtype), rng, i)
+        else:
+            _store(w, p + "ffn_gate.weight", mat(s.ffn, d), s.weight_type)
+            _store(w, p + "ffn_up.weight", mat(s.ffn, d), s.weight_type)
+            _store(w, p + "ffn_down.weight", mat(d, s.ffn), s.down_type)
         if s.arch == "gemma3":
             _store(w, p + "post_attention_norm.weight", vec(d), QT.F32)
             _store(w, p + "post_ffw_norm.weight", vec(d), QT.F32)
+    for name, arr in s.tensors.items():
+        _store_tensor(w, name, np.asarray(arr, dtype=np.float32), QT.F32)
     _finish(w)
     return path
 
 
 def _writer(path: Path, arch: str, n_layers: int, ctx: int, d: int, ffn: int, heads: int, kv: int,
-            eps: float, rope_base: float, head_dim: int | None = None) -> gguf.GGUFWriter:
+            eps: float, rope_base: float, head_dim: int | None = None, meta: dict | None = None) -> gguf.GGUFWriter:
     """A GGUFWriter with the hyperparameters every model here has (key/value lengths
-    written only when ``head_dim`` is given)."""
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(n_layers)
-    w.add_context_length(ctx)
-    w.add_embedding_length(d)
-    w.add_feed_forward_length(ffn)
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv)
+    written only when ``head_dim`` is given), changed by ``meta`` (see the module doc)."""
+    kvs = {"block_count": n_layers, "context_length": ctx, "embedding_length": d, "feed_forward_length": ffn,
+           "attention.head_count": heads, "attention.head_count_kv": kv}
     if head_dim is not None:
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
-    w.add_layer_norm_rms_eps(eps)
-    w.add_rope_freq_base(rope_base)
+        kvs.update({"attention.key_length": head_dim, "attention.value_length": head_dim})
+    kvs.update({"attention.layer_norm_rms_epsilon": float(eps), "rope.freq_base": float(rope_base)})
+    for k, v in (meta or {}).items():
+        if v is None:
+            kvs.pop(k, None)
+        else:
+            kvs[k] = v
+    w = gguf.GGUFWriter(str(path), arch)
+    for k, v in kvs.items():
+        _add_kv(w, f"{arch}.{k}", v)
     return w
+
+
+def _add_kv(w: gguf.GGUFWriter, key: str, value) -> None:
+    """bool -> bool, int -> uint32 (int32 when negative), float -> float32, str -> string,
+    list -> array (of the elements' type)."""
+    if isinstance(value, bool):
+        w.add_bool(key, value)
+    elif isinstance(value, int):
+        (w.add_uint32 if value >= 0 else w.add_int32)(key, value)
+    elif isinstance(value, float):
+        w.add_float32(key, value)
+    elif isinstance(value, str):
+        w.add_string(key, value)
+    elif isinstance(value, (list, tuple)):
+        w.add_array(key, list(value))
+    else:
+        raise TypeError(f"{key}: cannot write {value!r}")
 
 
 def _finish(w: gguf.GGUFWriter) -> None:
@@ -183,15 +214,18 @@ def write_tiny_llama(
     drop: tuple[str, ...] = (),
     unsupported: str | None = None,
     seed: int = 0,
+    meta: dict | None = None,
+    extra_tensors: dict | None = None,
 ) -> Path:
     """Write the tiny llama; ``drop`` omits tensors by name, ``unsupported`` stores that
-    tensor as Q8_1 (a GGML type tp_numa does not run), ``arch`` sets general.architecture."""
+    tensor as Q8_1 (a GGML type tp_numa does not run), ``arch`` sets general.architecture,
+    ``meta`` changes metadata keys and ``extra_tensors`` adds F32 tensors by name."""
     path = Path(path)
     rng = np.random.default_rng(seed)
     tokens, scores, types = _tiny_vocab()
     vocab = len(tokens)
     D, HEADS, KV, FFN, HEAD_DIM = TINY_D, TINY_HEADS, TINY_KV, TINY_FFN, TINY_HEAD_DIM
-    w = _writer(path, arch, TINY_LAYERS, 256, D, FFN, HEADS, KV, 1e-5, 10000.0)
+    w = _writer(path, arch, TINY_LAYERS, 256, D, FFN, HEADS, KV, 1e-5, 10000.0, meta=meta)
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     w.add_token_scores(scores)
@@ -221,6 +255,7 @@ def write_tiny_llama(
             f"blk.{i}.ffn_up.weight": mat(FFN, D),
             f"blk.{i}.ffn_down.weight": mat(D, FFN),
         })
+    tensors.update({k: np.asarray(v, dtype=np.float32) for k, v in (extra_tensors or {}).items()})
     for name, t in tensors.items():
         if name in drop:
             continue
@@ -274,8 +309,10 @@ def _gelu_tanh(x):
     return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
-def reference_logits(spec: Spec, W: dict[str, np.ndarray], tokens: list[int]) -> np.ndarray:
-    """Logits [T, vocab] of the whole sequence from position 0 (float64, no cache)."""
+def reference_logits(spec: Spec, W: dict[str, np.ndarray], tokens: list[int], ffn=None) -> np.ndarray:
+    """Logits [T, vocab] of the whole sequence from position 0 (float64, no cache).
+
+    ``ffn(layer, h) -> [T, d]`` replaces the dense FFN of a layer (the MoE reference)."""
     s = spec
     T, hd = len(tokens), s.head_dim
     gemma = s.arch == "gemma3"
@@ -292,7 +329,7 @@ def reference_logits(spec: Spec, W: dict[str, np.ndarray], tokens: list[int]) ->
         q = h @ W[p + "attn_q.weight"].T
         k = h @ W[p + "attn_k.weight"].T
         v = h @ W[p + "attn_v.weight"].T
-        if s.arch == "qwen2":
+        if p + "attn_q.bias" in W:
             q, k, v = q + W[p + "attn_q.bias"], k + W[p + "attn_k.bias"], v + W[p + "attn_v.bias"]
         q, k, v = q.reshape(T, s.n_heads, hd), k.reshape(T, s.n_kv, hd), v.reshape(T, s.n_kv, hd)
         if p + "attn_q_norm.weight" in W:
@@ -316,9 +353,12 @@ def reference_logits(spec: Spec, W: dict[str, np.ndarray], tokens: list[int]) ->
             a = _rms(a, W[p + "post_attention_norm.weight"], s.eps)
         x = x + a
         h = _rms(x, W[p + "ffn_norm.weight"], s.eps)
-        g, u = h @ W[p + "ffn_gate.weight"].T, h @ W[p + "ffn_up.weight"].T
-        act = _gelu_tanh(g) if gemma else g / (1 + np.exp(-g))
-        m = (act * u) @ W[p + "ffn_down.weight"].T
+        if ffn is not None:
+            m = ffn(i, h)
+        else:
+            g, u = h @ W[p + "ffn_gate.weight"].T, h @ W[p + "ffn_up.weight"].T
+            act = _gelu_tanh(g) if gemma else g / (1 + np.exp(-g))
+            m = (act * u) @ W[p + "ffn_down.weight"].T
         if gemma:
             m = _rms(m, W[p + "post_ffw_norm.weight"], s.eps)
         x = x + m

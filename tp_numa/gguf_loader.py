@@ -41,7 +41,7 @@ SUPPORTED_TYPES = frozenset(
     )
 )
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "qwen2moe", "qwen3moe")
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,10 @@ def parse_header(buf, path: str, size: int) -> tuple[dict[str, Any], dict[str, T
         n_dims = cur.unpack("<I")
         dims = [cur.unpack("<Q") for _ in range(n_dims)]
         raw_infos.append((name, dims, cur.unpack("<I"), cur.unpack("<Q")))
-    align = int(meta.get("general.alignment", 32))
+    align = meta.get("general.alignment", 32)
+    if isinstance(align, bool) or not isinstance(align, int) or align <= 0 or align & (align - 1):
+        # as llama.cpp's gguf reader: the data offset is padded to a power of 2
+        raise ModelFormatError(f"{path}: metadata 'general.alignment' = {align!r} is not a power of 2")
     data_start = (cur.pos + align - 1) // align * align
     tensors: dict[str, TensorInfo] = {}
     for name, dims, raw_type, offset in raw_infos:
@@ -227,15 +230,19 @@ class GGUFFile(GGUFHeader):
         """Several row ranges concatenated (e.g. the KV heads a rank needs)."""
         return cat_rows([self.read_rows(name, a, b) for a, b in rows])
 
-    def read_block_cols(self, name: str, b0: int, b1: int) -> torch.Tensor:
-        """Input blocks ``[b0, b1)`` of every row (a row-parallel shard) as uint8
-        ``[n_rows, (b1-b0)*type_size]``, copied from a strided view of the mmap."""
+    def read_block_cols(self, name: str, b0: int, b1: int, r0: int = 0, r1: int | None = None) -> torch.Tensor:
+        """Input blocks ``[b0, b1)`` of rows ``[r0, r1)`` (default every row: a row-parallel
+        shard; one expert's rows of a 3-D expert tensor) as uint8 ``[r1-r0, (b1-b0)*type_size]``,
+        copied from a strided view of the mmap."""
         info = self.info(name)
+        r1 = info.n_rows if r1 is None else r1
         if not 0 <= b0 < b1 <= info.n_blocks:
             raise ValueError(f"{name}: blocks [{b0}, {b1}) outside [0, {info.n_blocks})")
+        if not 0 <= r0 <= r1 <= info.n_rows:
+            raise ValueError(f"{name}: rows [{r0}, {r1}) outside [0, {info.n_rows})")
         ts = info.type_size
-        out = empty_weight(info.n_rows, (b1 - b0) * ts)
-        out.numpy()[...] = self._rows_view(info)[:, b0 * ts: b1 * ts]
+        out = empty_weight(r1 - r0, (b1 - b0) * ts)
+        out.numpy()[...] = self._rows_view(info)[r0:r1, b0 * ts: b1 * ts]
         self._count(name, out.numel())
         return out
 
