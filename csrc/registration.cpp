@@ -8,6 +8,7 @@
 #include "decode/decode_plan.h"
 #include "fused/fused_ops.h"
 #include "memory/weight_memory.h"
+#include "moe/moe_ops.h"
 #include "quant/quant_ops.h"
 
 TORCH_LIBRARY(tp_numa, m) {
@@ -53,12 +54,19 @@ TORCH_LIBRARY(tp_numa, m) {
     m.def("rope_(Tensor(a!) x, Tensor cos, Tensor sin, bool neox) -> ()");
     m.def("act_mul(Tensor gu, bool gelu) -> Tensor");
 
+    // ---- mixture of experts (csrc/moe) ----
+    m.def("moe_route(Tensor logits, Tensor? bias, int k, int gating, bool norm, float scale, int n_groups, "
+          "int groups_used) -> (Tensor, Tensor)");
+    m.def("moe_experts(Tensor x, Tensor ids, Tensor weights, Tensor[] mats, Tensor offsets, Tensor ff, int[] qtypes, "
+          "int[] layouts, bool gelu) -> Tensor");
+
     // ---- native decode step over a rank's decoder layers (csrc/decode) ----
     // torch.classes.tp_numa.DecodePlan: built once from the loaded modules, one call per token
     m.class_<tp_numa::DecodePlan>("DecodePlan")
         .def(torch::init<int64_t, double, int64_t>())
         .def("add_layer", &tp_numa::DecodePlan::add_layer)
         .def("set_linear", &tp_numa::DecodePlan::set_linear)
+        .def("set_moe", &tp_numa::DecodePlan::set_moe)
         .def("forward", &tp_numa::DecodePlan::forward)
         .def("n_layers", &tp_numa::DecodePlan::n_layers);
 }
@@ -86,6 +94,9 @@ TORCH_LIBRARY_IMPL(tp_numa, CPU, m) {
     m.impl("add_rms_norm_", &tp_numa::add_rms_norm_);
     m.impl("rope_", &tp_numa::rope_);
     m.impl("act_mul", &tp_numa::act_mul);
+    // mixture of experts
+    m.impl("moe_route", &tp_numa::moe_route);
+    m.impl("moe_experts", &tp_numa::moe_experts);
 }
 
 // The extension module tp_numa._C: importing it runs the registrations above.

@@ -139,6 +139,16 @@ _LAYER_TENSORS = {
     "ffn_gate": ("mlp.gate_up_proj", "ffn_cols"),
     "ffn_up": ("mlp.gate_up_proj", "ffn_cols"),
     "ffn_down": ("mlp.down_proj", "ffn_rows"),
+    # mixture-of-experts layers (layers/moe.py): a slice of every expert on every rank
+    "ffn_gate_inp": ("mlp.gate", "replicated"),
+    "ffn_gate_exps": ("mlp.experts", "expert_cols"),
+    "ffn_up_exps": ("mlp.experts", "expert_cols"),
+    "ffn_gate_up_exps": ("mlp.experts", "expert_cols"),
+    "ffn_down_exps": ("mlp.experts", "expert_rows"),
+    "ffn_gate_shexp": ("mlp.shared_expert.gate_up_proj", "shared_cols"),
+    "ffn_up_shexp": ("mlp.shared_expert.gate_up_proj", "shared_cols"),
+    "ffn_down_shexp": ("mlp.shared_expert.down_proj", "shared_rows"),
+    "ffn_gate_inp_shexp": ("mlp.shared_expert_gate", "replicated"),
 }
 _TOP_TENSORS = {
     "token_embd": ("model.embed_tokens", "vocab"),
@@ -146,6 +156,7 @@ _TOP_TENSORS = {
     "output": ("lm_head", "vocab"),
     "rope_freqs": ("model.ropes", "replicated"),
 }
+_MOE_SPLITS = ("expert_cols", "expert_rows", "shared_cols", "shared_rows")
 _BLK_RE = re.compile(r"^blk\.(\d+)\.([a-z0-9_]+)\.(weight|bias)$")
 
 
@@ -188,7 +199,9 @@ def model_modules(config, tensors: dict) -> list[ModuleInfo]:
         top["lm_head"] = ModuleInfo("lm_head", "weights", None, [("token_embd.weight", "tied")])
     order = ["input_layernorm", "self_attn.qkv_proj", "self_attn.q_norm", "self_attn.k_norm",
              "self_attn.attn", "self_attn.o_proj", "post_attention_layernorm",
-             "pre_feedforward_layernorm", "mlp.gate_up_proj", "mlp.down_proj", "post_feedforward_layernorm"]
+             "pre_feedforward_layernorm", "mlp.gate_up_proj", "mlp.down_proj", "mlp.gate", "mlp.experts",
+             "mlp.shared_expert_gate", "mlp.shared_expert.gate_up_proj", "mlp.shared_expert.down_proj",
+             "post_feedforward_layernorm"]
     out = [top[n] for n in ("model.embed_tokens", "model.ropes") if n in top]
     for i, mods in enumerate(layers):
         mods["self_attn.attn"] = ModuleInfo(f"model.layers.{i}.self_attn.attn", "attention", i)
@@ -222,6 +235,26 @@ def _kv_heads_cached(config, shard) -> int:
     return shard.n_kv if uniform else shard.n_q
 
 
+def _moe_share(info, split: str, layer_part, config, elements: bool) -> int:
+    """Bytes (or values) one rank holds of a MoE layer tensor: ``expert_cols`` = every
+    expert's feature slice as rows of gate/up [E, F or 2F (merged gate_up), d];
+    ``expert_rows`` = those features as input columns of down [E, d, F];
+    ``shared_cols`` / ``shared_rows`` = the shared expert's slice, like a dense FFN."""
+    if split.startswith("shared"):
+        a, b = layer_part.shared
+        if split == "shared_cols":
+            return (b - a) * (info.n_cols if elements else info.n_bytes // info.n_rows)
+        return info.n_rows * (b - a if elements else (b - a) // info.block_size * info.type_size)
+    feats = sum(b - a for a, b in layer_part.experts)
+    if split == "expert_cols":
+        rows = feats * (info.shape[1] // config.moe.expert_ff)
+        return rows * (info.n_cols if elements else info.n_bytes // info.n_rows)
+    d = info.shape[1]
+    if elements:
+        return d * feats
+    return d * sum((b - a) // info.block_size for a, b in layer_part.experts) * info.type_size
+
+
 def _tensor_bytes(info, split: str, layer_part, vocab, config) -> int:
     """Bytes of tensor ``info`` that one rank holds under ``split`` (layer_part: its
     LayerPartition for this tensor's layer, vocab: its vocabulary rows)."""
@@ -229,6 +262,8 @@ def _tensor_bytes(info, split: str, layer_part, vocab, config) -> int:
         return info.n_bytes
     if split == "tied":
         return 0
+    if split in _MOE_SPLITS:
+        return _moe_share(info, split, layer_part, config, elements=False)
     hd = config.head_dim
     if split in ("q_heads", "kv_heads", "ffn_cols", "vocab"):
         # a column split takes whole rows (a bias takes the matching elements)
@@ -254,6 +289,8 @@ def _tensor_elements(info, split: str, layer_part, config) -> int:
     hd = config.head_dim
     if split == "replicated":
         return math.prod(info.shape)
+    if split in _MOE_SPLITS:
+        return _moe_share(info, split, layer_part, config, elements=True)
     if split in ("q_heads", "kv_heads", "ffn_cols"):
         if split == "q_heads":
             n = layer_part.heads.n_q * hd

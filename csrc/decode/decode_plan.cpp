@@ -9,6 +9,7 @@
 #include "attention/attention_ops.h"
 #include "comm/shm_ops.h"
 #include "fused/fused_ops.h"
+#include "moe/moe_ops.h"
 #include "quant/quant_ops.h"
 
 namespace tp_numa {
@@ -22,7 +23,7 @@ void check_vector(const at::Tensor& t, int64_t n, const char* what) {
 }
 
 const char* linear_name(int64_t which) {
-    static const char* names[] = {"qkv", "o_proj", "gate_up", "down"};
+    static const char* names[] = {"qkv", "o_proj", "gate_up", "down", "router", "shared_gate"};
     return names[which];
 }
 
@@ -85,14 +86,18 @@ void DecodePlan::set_linear(int64_t which, std::vector<at::Tensor> weights, std:
                             std::vector<int64_t> rows, std::vector<int64_t> layouts, std::optional<at::Tensor> bias,
                             bool exact, bool reduce) {
     TORCH_CHECK(!layers_.empty(), "DecodePlan: set_linear before add_layer");
-    TORCH_CHECK(which >= 0 && which < 4, "DecodePlan: linear index must be 0..3, got ", which);
+    TORCH_CHECK(which >= 0 && which < 6, "DecodePlan: linear index must be 0..5, got ", which);
+    TORCH_CHECK(which < 4 || layers_.back().moe.has_value(), "DecodePlan: ", linear_name(which),
+                " of a layer without set_moe");
     TORCH_CHECK(!weights.empty() && weights.size() == qtypes.size() && weights.size() == rows.size() &&
                     weights.size() == layouts.size(),
                 "DecodePlan: ", linear_name(which), ": weights, qtypes, rows and layouts must have one entry per run");
     TORCH_CHECK(!reduce || shm_handle_ >= 0, "DecodePlan: ", linear_name(which),
                 " reduces over ranks but the plan has no shm group");
     PlanLayer& L = layers_.back();
-    PlanLinear* lin[] = {&L.qkv, &L.o_proj, &L.gate_up, &L.down};
+    if (which == 5) L.moe->shared_gate.emplace();
+    PlanLinear* lin[] = {&L.qkv, &L.o_proj, &L.gate_up, &L.down, L.moe ? &L.moe->router : nullptr,
+                         L.moe && L.moe->shared_gate ? &*L.moe->shared_gate : nullptr};
     PlanLinear& P = *lin[which];
     P = PlanLinear();
     int64_t out = 0;  // output rows of all runs
@@ -109,10 +114,41 @@ void DecodePlan::set_linear(int64_t which, std::vector<at::Tensor> weights, std:
     }
     P.exact = exact;
     P.reduce = reduce;
-    const int64_t want[] = {(L.n_q + 2 * L.n_kv) * L.head_dim, d_model_, -1, d_model_};
+    const int64_t want[] = {(L.n_q + 2 * L.n_kv) * L.head_dim, d_model_, -1, d_model_,
+                            L.moe ? L.moe->ff.size(0) : -1, 1};
     TORCH_CHECK(want[which] < 0 || out == want[which], "DecodePlan: ", linear_name(which), " has ", out,
                 " output rows, expected ", want[which]);
     TORCH_CHECK(which != 2 || out % 2 == 0, "DecodePlan: gate_up needs equal gate and up halves");
+}
+
+void DecodePlan::set_moe(int64_t k, int64_t gating, bool norm, double scale, int64_t n_groups, int64_t groups_used,
+                         std::vector<at::Tensor> mats, at::Tensor offsets, at::Tensor ff, std::vector<int64_t> qtypes,
+                         std::vector<int64_t> layouts, bool has_shared, bool reduce,
+                         std::optional<at::Tensor> counts) {
+    TORCH_CHECK(!layers_.empty(), "DecodePlan: set_moe before add_layer");
+    TORCH_CHECK(mats.size() == 3 && qtypes.size() == 3 && layouts.size() == 3,
+                "DecodePlan: set_moe needs [gate, up, down] buffers, qtypes and layouts");
+    TORCH_CHECK(ff.scalar_type() == at::kLong && ff.dim() == 1 && k >= 1 && k <= ff.size(0),
+                "DecodePlan: set_moe: k=", k, " experts of ff ", ff.sizes());
+    TORCH_CHECK(!reduce || shm_handle_ >= 0, "DecodePlan: the MoE block reduces over ranks but the plan has no shm group");
+    TORCH_CHECK(!counts.has_value() || (counts->scalar_type() == at::kLong && counts->numel() == ff.size(0)),
+                "DecodePlan: set_moe: counts must be int64 [n_expert]");
+    PlanMoE M;
+    M.k = k;
+    M.gating = gating;
+    M.norm = norm;
+    M.scale = scale;
+    M.n_groups = n_groups;
+    M.groups_used = groups_used;
+    M.mats = std::move(mats);
+    M.offsets = std::move(offsets);
+    M.ff = std::move(ff);
+    M.qtypes = std::move(qtypes);
+    M.layouts = std::move(layouts);
+    M.has_shared = has_shared;
+    M.reduce = reduce;
+    M.counts = std::move(counts);
+    layers_.back().moe = std::move(M);
 }
 
 at::Tensor DecodePlan::matmul(const PlanLinear& lin, const at::Tensor& x) const {
@@ -157,6 +193,15 @@ at::Tensor DecodePlan::row(const PlanLinear& lin, const at::Tensor& x) const {
     return y;
 }
 
+at::Tensor DecodePlan::partial(const PlanLinear& lin, const at::Tensor& x) const {
+    // RowParallelLinear.partial: float64 exact partials of a single run, else float32 widened
+    if (lin.exact && lin.runs.size() == 1) {
+        const auto& r = lin.runs[0];
+        return r.x4 ? quant_matmul_x4_exact(x, r.w, r.qtype, r.rows, false) : quant_matmul_exact(x, r.w, r.qtype, false);
+    }
+    return matmul(lin, x).to(at::kDouble);
+}
+
 at::Tensor DecodePlan::attention(const PlanLayer& L, const at::Tensor& xn, int64_t pos, const at::Tensor& cos,
                                  const at::Tensor& sin) const {
     at::Tensor qkv;
@@ -184,7 +229,35 @@ at::Tensor DecodePlan::attention(const PlanLayer& L, const at::Tensor& xn, int64
     return row(L.o_proj, out);
 }
 
+at::Tensor DecodePlan::moe_ffn(const PlanLayer& L, const at::Tensor& y) const {
+    // MoE.forward: route, the experts' partial, the shared expert's, one all-reduce, float32
+    const PlanMoE& M = *L.moe;
+    at::Tensor out;
+    {
+        RECORD_FUNCTION("native_decode::moe_experts", std::vector<c10::IValue>());
+        at::Tensor logits = column(M.router, y);  // [1, n_expert]
+        auto [ids, w] = moe_route(logits, std::nullopt, M.k, M.gating, M.norm, M.scale, M.n_groups, M.groups_used);
+        if (M.counts.has_value()) {
+            at::Tensor flat = ids.reshape({-1});
+            M.counts->index_add_(0, flat, at::ones_like(flat));
+        }
+        out = moe_experts(y, ids, w, M.mats, M.offsets, M.ff, M.qtypes, M.layouts, L.gelu);  // [1, d] float64
+    }
+    if (M.has_shared) {
+        RECORD_FUNCTION("native_decode::shared_expert", std::vector<c10::IValue>());
+        at::Tensor s = partial(L.down, act_mul(column(L.gate_up, y), L.gelu));
+        if (M.shared_gate.has_value()) s = s * at::sigmoid(column(*M.shared_gate, y)).to(at::kDouble);
+        out.add_(s);
+    }
+    if (M.reduce) {
+        RECORD_FUNCTION("native_decode::all_reduce", std::vector<c10::IValue>());
+        shm_all_reduce(out, shm_handle_);
+    }
+    return out.to(at::kFloat);
+}
+
 at::Tensor DecodePlan::mlp(const PlanLayer& L, const at::Tensor& y) const {
+    if (L.moe.has_value()) return moe_ffn(L, y);
     at::Tensor gu;
     {
         RECORD_FUNCTION("native_decode::gate_up_proj", std::vector<c10::IValue>());

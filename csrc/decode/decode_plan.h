@@ -14,6 +14,9 @@
 //   pre-norm (llama):  h = x + a;  out = h + down(act(gate) * up)      gate|up = gate_up(rms_norm(h, ffn_norm))
 //   sandwich (gemma3): h = x + rms_norm(a, post_attn_norm);
 //                      out = h + rms_norm(down(act(gate) * up), post_ffn_norm),  gate|up = gate_up(rms_norm(h, ffn_norm))
+//   MoE FFN (layers/moe.py): ids, w = moe_route(router(y)); p = moe_experts(y, ids, w)
+//                      (+ down_partial(act(gate) * up) of the shared expert, x sigmoid(shared_gate(y)));
+//                      ffn = float32(all_reduce(p))
 // Row-parallel layers (o_proj, down) follow RowParallelLinear: float64 exact partials
 // (single weight run), shm all-reduce over the host's ranks when `reduce`, round to float32,
 // then the bias.
@@ -41,6 +44,22 @@ struct PlanLinear {
     bool reduce = false;             // row-parallel: all-reduce over the shm group
 };
 
+// A mixture-of-experts FFN (the nn.Module layers.moe.MoE): router, routing, this rank's
+// expert slices (moe_experts), the shared expert in the layer's gate_up/down, one reduce.
+struct PlanMoE {
+    PlanLinear router;                       // [n_expert] logits (replicated)
+    std::optional<PlanLinear> shared_gate;   // [1]: shared output x sigmoid(w . x) (qwen2moe)
+    bool has_shared = false;                 // the layer's gate_up / down hold the shared expert
+    int64_t k = 0, gating = 1, n_groups = 1, groups_used = 1;
+    bool norm = false;
+    double scale = 1.0;
+    std::vector<at::Tensor> mats;            // moe_experts' [gate, up, down] buffers
+    at::Tensor offsets, ff;
+    std::vector<int64_t> qtypes, layouts;
+    bool reduce = false;                     // all-reduce the float64 partial over the shm group
+    std::optional<at::Tensor> counts;        // int64 [n_expert] += chosen experts (--verbose)
+};
+
 struct PlanLayer {
     bool sandwich = false;            // gemma3's four norms
     at::Tensor attn_norm, ffn_norm;   // [d]
@@ -52,6 +71,7 @@ struct PlanLayer {
     at::Tensor k_cache, v_cache;      // [slots, n_kv, hd] f16/bf16/f32
     bool gelu = false;                // act = gelu-tanh, else silu
     PlanLinear qkv, o_proj, gate_up, down;
+    std::optional<PlanMoE> moe;       // set: the FFN is a MoE block (gate_up/down = shared expert)
 };
 
 class DecodePlan : public torch::CustomClassHolder {
@@ -66,8 +86,17 @@ class DecodePlan : public torch::CustomClassHolder {
     void add_layer(std::vector<at::Tensor> norms, std::vector<at::Tensor> qk_norms, std::vector<int64_t> heads,
                    int64_t rope_index, bool neox, double scale, at::Tensor k_cache, at::Tensor v_cache, bool gelu);
 
-    // Sets a linear of the last added layer: which = 0 qkv, 1 o_proj, 2 gate_up, 3 down.
-    // layouts[i] = 1 for an x4-packed run. exact/reduce only matter for o_proj and down.
+    // Makes the last added layer's FFN a MoE block: routing parameters (moe_route), the
+    // expert buffers (moe_experts), whether gate_up/down hold a shared expert, whether the
+    // partial is all-reduced, and an optional int64 [n_expert] count of chosen experts.
+    // Then set_linear(4) gives the router, set_linear(5) the shared-expert gate.
+    void set_moe(int64_t k, int64_t gating, bool norm, double scale, int64_t n_groups, int64_t groups_used,
+                 std::vector<at::Tensor> mats, at::Tensor offsets, at::Tensor ff, std::vector<int64_t> qtypes,
+                 std::vector<int64_t> layouts, bool has_shared, bool reduce, std::optional<at::Tensor> counts);
+
+    // Sets a linear of the last added layer: which = 0 qkv, 1 o_proj, 2 gate_up, 3 down,
+    // 4 MoE router, 5 MoE shared-expert gate. layouts[i] = 1 for an x4-packed run.
+    // exact/reduce only matter for o_proj and down.
     void set_linear(int64_t which, std::vector<at::Tensor> weights, std::vector<int64_t> qtypes,
                     std::vector<int64_t> rows, std::vector<int64_t> layouts, std::optional<at::Tensor> bias,
                     bool exact, bool reduce);
@@ -84,6 +113,8 @@ class DecodePlan : public torch::CustomClassHolder {
     at::Tensor attention(const PlanLayer& L, const at::Tensor& xn, int64_t pos, const at::Tensor& cos,
                          const at::Tensor& sin) const;
     at::Tensor mlp(const PlanLayer& L, const at::Tensor& y) const;
+    at::Tensor moe_ffn(const PlanLayer& L, const at::Tensor& y) const;
+    at::Tensor partial(const PlanLinear& lin, const at::Tensor& x) const;   // float64, not reduced
     at::Tensor matmul(const PlanLinear& lin, const at::Tensor& x) const;   // runs, concatenated
     at::Tensor column(const PlanLinear& lin, const at::Tensor& x) const;
     at::Tensor row(const PlanLinear& lin, const at::Tensor& x) const;

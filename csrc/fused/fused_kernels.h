@@ -24,5 +24,7 @@ struct Kernels {
 
 const Kernels& scalar_kernels();
 const Kernels* avx2_kernels();  // nullptr if the CPU lacks AVX2/FMA
+// The variant the fused ops use: AVX2 unless the quant kernels are forced to scalar.
+const Kernels& active_kernels();
 
 }  // namespace tp_numa::fused

@@ -11,15 +11,18 @@
 #include "quant/quant_ops.h"
 
 namespace tp_numa {
-namespace {
 
-const fused::Kernels& kernels() {
+const fused::Kernels& fused::active_kernels() {
     // follows the quant kernels' ISA choice (TP_NUMA_KERNEL=scalar selects the references)
     if (kernel_isa() != "scalar") {
         if (const fused::Kernels* k = fused::avx2_kernels()) return *k;
     }
     return fused::scalar_kernels();
 }
+
+namespace {
+
+const fused::Kernels& kernels() { return fused::active_kernels(); }
 
 void check_f32(const at::Tensor& t, const char* op, const char* name, bool contiguous = true) {
     TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, op, ": ", name, " must be a float32 CPU tensor, got ",

@@ -116,6 +116,23 @@ struct Kernels {
     QuantizeFn quantize_q8kx4l;  // ... as BlockQ8KX4L
 };
 
+// The activation row x[0, K) prepared into the form `kind` (act_row_bytes(kind, K) bytes at out);
+// kFloat copies the floats.
+inline void prepare_row(const Kernels& k, ActKind kind, const float* x, int64_t K, void* out) {
+    switch (kind) {
+        case ActKind::kFloat: {
+            float* o = static_cast<float*>(out);
+            for (int64_t i = 0; i < K; ++i) o[i] = x[i];
+            return;
+        }
+        case ActKind::kQ8A: return k.quantize_q8a(x, K, out);
+        case ActKind::kQ8K: return k.quantize_q8k(x, K, out);
+        case ActKind::kQ8AX4: return k.quantize_q8ax4(x, K, out);
+        case ActKind::kQ8KX4: return k.quantize_q8kx4(x, K, out);
+        case ActKind::kQ8KX4L: return k.quantize_q8kx4l(x, K, out);
+    }
+}
+
 const Kernels& scalar_kernels();
 const Kernels* avx2_kernels();     // nullptr if not compiled in
 const Kernels* avx512_kernels();      // AVX-512 F/BW/VL

@@ -64,17 +64,7 @@ void prepare_rows(const at::Tensor& x, int64_t m0, int64_t m1, ActKind kind, con
         } else {
             xr = x.data_ptr<float>() + m * K;
         }
-        if (kind == ActKind::kQ8A) {
-            k.quantize_q8a(xr, K, act + m * act_bytes);
-        } else if (kind == ActKind::kQ8K) {
-            k.quantize_q8k(xr, K, act + m * act_bytes);
-        } else if (kind == ActKind::kQ8AX4) {
-            k.quantize_q8ax4(xr, K, act + m * act_bytes);
-        } else if (kind == ActKind::kQ8KX4) {
-            k.quantize_q8kx4(xr, K, act + m * act_bytes);
-        } else if (kind == ActKind::kQ8KX4L) {
-            k.quantize_q8kx4l(xr, K, act + m * act_bytes);
-        }
+        if (kind != ActKind::kFloat) quant::prepare_row(k, kind, xr, K, act + m * act_bytes);
     }
 }
 

@@ -208,6 +208,14 @@ class RowParallelLinear(LinearBase):
         if self.has_bias:
             self.register_buffer("bias", f.read_float(bias), persistent=False)
 
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, k1-k0] -> float64 [T, output_size]: this rank's partial sum, not reduced and
+        without the bias (a MoE layer adds it to the routed experts' before its all-reduce)."""
+        if self.exact and len(self._runs) == 1:
+            n = self._runs[0]
+            return method_of(self, n).apply_exact(self, n, x, to_float32=False)
+        return self._matmul(x).double()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, k1-k0] (this rank's share of the inputs) -> [T, output_size] (full sum)."""
         exact = self.exact and len(self._runs) == 1

@@ -24,13 +24,14 @@ import torch
 from ..errors import TpNumaError
 from . import fused_path
 from .attention import Attention
+from .moe import MoE
 from .norm import RMSNorm
 from .quant import GGUFLinearMethod, X4LinearMethod, method_of
 
 _state = {"enabled": os.environ.get("TP_NUMA_NATIVE_DECODE", "1") != "0", "available": None}
 
 # DecodePlan.set_linear's index of each projection
-_QKV, _O_PROJ, _GATE_UP, _DOWN = range(4)
+_QKV, _O_PROJ, _GATE_UP, _DOWN, _ROUTER, _SHARED_GATE = range(6)
 
 
 def set_enabled(on: bool) -> None:
@@ -113,15 +114,21 @@ def why_not(model) -> str | None:
             return f"layer {i}: no CPU KV cache (setup_cache not called?)"
         if attn.kv_expand is not None:
             return f"layer {i}: this rank's query heads straddle KV groups unevenly"
-        if not layer.mlp._fusable:
+        ffn_linears = _ffn_linears(layer.mlp)
+        dense = layer.mlp if not isinstance(layer.mlp, MoE) else layer.mlp.shared_expert
+        if dense is not None and not dense._fusable:
             return f"layer {i}: gate and up halves differ in width"
-        for lin in (attn.qkv_proj, attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+        if isinstance(layer.mlp, MoE):
+            ex = layer.mlp.experts
+            if any(t is None or not t.is_cpu for t in (ex.gate, ex.up, ex.down)):
+                return f"layer {i}: the routed experts are not in CPU memory"
+        for lin in (attn.qkv_proj, attn.o_proj, *ffn_linears):
             for n in lin._runs:
                 if not isinstance(method_of(lin, n), (GGUFLinearMethod, X4LinearMethod)) or not getattr(lin, n).is_cpu:
                     return f"layer {i}: weight {n} is not a CPU GGUF weight"
         floats = [m.weight for m in layer.modules() if isinstance(m, RMSNorm)]
         floats += [lin.bias for lin in (attn.qkv_proj, attn.o_proj) if lin.bias is not None]
-        floats += [lin.bias for lin in (layer.mlp.gate_up_proj, layer.mlp.down_proj) if lin.bias is not None]
+        floats += [lin.bias for lin in ffn_linears if lin.bias is not None]
         for t in floats:
             if t.dtype is not torch.float32 or not t.is_cpu:
                 return f"layer {i}: a {t.dtype} {t.device} norm weight or bias"
@@ -155,13 +162,44 @@ def build_plan(model) -> NativeDecode:
         plan.add_layer([n.weight.contiguous() for n in norms], qk, [a.n_heads, a.n_kv_heads, a.head_dim],
                        model._rope_index[model.rope_keys[i]], sa.rotary_emb.style == "neox", a.scale,
                        a.k_cache, a.v_cache, layer.mlp.act == "gelu_tanh")
-        for which, lin in ((_QKV, sa.qkv_proj), (_O_PROJ, sa.o_proj), (_GATE_UP, layer.mlp.gate_up_proj),
-                           (_DOWN, layer.mlp.down_proj)):
-            _set_linear(plan, which, lin)
+        _set_linear(plan, _QKV, sa.qkv_proj)
+        _set_linear(plan, _O_PROJ, sa.o_proj)
+        mlp = layer.mlp
+        if isinstance(mlp, MoE):
+            _set_moe(plan, mlp)
+            mlp = mlp.shared_expert
+        if mlp is not None:
+            shared = isinstance(layer.mlp, MoE)
+            _set_linear(plan, _GATE_UP, mlp.gate_up_proj)
+            _set_linear(plan, _DOWN, mlp.down_proj, reduce=False if shared else None)
     return NativeDecode(plan, list(model.layers))
 
 
-def _set_linear(plan, which: int, lin) -> None:
+def _ffn_linears(mlp) -> list:
+    """The linear layers of a dense MLP or of a MoE block (router, shared gate, shared expert)."""
+    if not isinstance(mlp, MoE):
+        return [mlp.gate_up_proj, mlp.down_proj]
+    out = [mlp.gate]
+    if mlp.shared_expert_gate is not None:
+        out.append(mlp.shared_expert_gate)
+    if mlp.shared_expert is not None:
+        out += [mlp.shared_expert.gate_up_proj, mlp.shared_expert.down_proj]
+    return out
+
+
+def _set_moe(plan, moe: MoE) -> None:
+    """The MoE block's routing, expert buffers and router / shared gate (MoE.forward's calls)."""
+    c, ex = moe.cfg, moe.experts
+    plan.set_moe(c.n_expert_used, c.gating, c.norm_weights, float(c.weights_scale), c.n_groups, c.groups_used,
+                 [ex.gate, ex.up, ex.down], ex.offsets, ex.ff, list(ex.qtypes), list(ex.layouts),
+                 moe.shared_expert is not None, moe.tp_size > 1,
+                 moe.expert_counts if moe.count_experts else None)
+    _set_linear(plan, _ROUTER, moe.gate)
+    if moe.shared_expert_gate is not None:
+        _set_linear(plan, _SHARED_GATE, moe.shared_expert_gate)
+
+
+def _set_linear(plan, which: int, lin, reduce: bool | None = None) -> None:
     weights, qtypes, rows, layouts = [], [], [], []
     for n in lin._runs:
         w = getattr(lin, n)
@@ -172,7 +210,8 @@ def _set_linear(plan, which: int, lin) -> None:
         layouts.append(1 if x4 else 0)
     row_parallel = which in (_O_PROJ, _DOWN)
     exact = bool(getattr(lin, "exact", True))
-    reduce = row_parallel and lin.reduce_results and lin.tp_size > 1
+    if reduce is None:
+        reduce = row_parallel and lin.reduce_results and lin.tp_size > 1
     bias = None if lin.bias is None else lin.bias.contiguous()
     plan.set_linear(which, weights, qtypes, rows, layouts, bias, exact, reduce)
 

@@ -131,12 +131,36 @@ def head_unit(head_dim: int, block_size: int) -> int:
     return block_size // math.gcd(block_size, head_dim)
 
 
+def partition_experts(tensor: str, n_expert: int, expert_ff: int, block_size: int, tp: int,
+                      rotate: int = 0) -> list[tuple[Range, ...]]:
+    """Per rank, the hidden-feature range of every expert (expert tensor parallel).
+
+    Each expert's ``n_ff_exp`` features split on whole blocks of its down projection, as
+    evenly as possible; expert e of a layer hands its leftover block(s) to the ranks from
+    ``(rotate + e) % tp`` on. So when the blocks do not divide (Qwen3-30B: 768 = 3 blocks of
+    256 at tp=2 gives 512 + 256), rank 0 holds the larger share of half the experts and
+    rank 1 of the other half: the k experts a token picks are spread over both, instead of
+    every layer waiting for the rank with 2/3 of every expert. A rank may hold nothing of
+    an expert when it has fewer blocks than there are ranks."""
+    n_blocks = expert_ff // block_size
+    if n_blocks * block_size != expert_ff or n_blocks < 1:
+        raise ShardingError(f"tensor '{tensor}': {expert_ff} expert features are not whole blocks of {block_size}")
+    per_expert = [split_even(n_blocks, tp, rotate + e) for e in range(n_expert)]
+    return [tuple((a * block_size, b * block_size) for a, b in (pe[r] for pe in per_expert)) for r in range(tp)]
+
+
 @dataclass(frozen=True)
 class LayerPartition:
     """One rank's share of one decoder layer."""
 
     heads: HeadShard    # query heads and the KV heads they need
     ffn: Range          # ffn hidden features [f0, f1): rows of gate/up = inputs of down
+    experts: tuple[Range, ...] = ()   # MoE layer: every routed expert's feature range
+    shared: Range | None = None       # MoE layer: the shared expert's features (like ffn)
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.experts)
 
 
 @dataclass(frozen=True)
@@ -157,11 +181,22 @@ def plan_model(f, cfg, rank: int, tp: int) -> ModelPartition:
     ``i % tp``, so the uneven remainders spread over the ranks instead of piling on rank 0.
     """
     layers = []
+    moe = getattr(cfg, "moe", None)
     for i in range(cfg.n_layers):
-        o_name, d_name = f"blk.{i}.attn_output.weight", f"blk.{i}.ffn_down.weight"
-        o_bs, d_bs = f.info(o_name).block_size, f.info(d_name).block_size
+        o_name = f"blk.{i}.attn_output.weight"
+        o_bs = f.info(o_name).block_size
         heads = partition_heads(o_name, cfg.n_heads, cfg.n_kv_heads, tp, head_unit(cfg.head_dim, o_bs), o_bs)
-        ffn = partition_blocks(d_name, cfg.ffn_dim, d_bs, tp, rotate=i)
+        if moe is not None and moe.is_moe_layer(i):
+            e_name = f"blk.{i}.ffn_down_exps.weight"
+            experts = partition_experts(e_name, moe.n_expert, moe.expert_ff, f.info(e_name).block_size, tp, i)
+            shared = None
+            if moe.shared_ff:
+                s_name = f"blk.{i}.ffn_down_shexp.weight"
+                shared = partition_blocks(s_name, moe.shared_ff, f.info(s_name).block_size, tp, rotate=i)[rank]
+            layers.append(LayerPartition(heads=heads[rank], ffn=(0, 0), experts=experts[rank], shared=shared))
+            continue
+        d_name = f"blk.{i}.ffn_down.weight"
+        ffn = partition_blocks(d_name, cfg.ffn_dim, f.info(d_name).block_size, tp, rotate=i)
         layers.append(LayerPartition(heads=heads[rank], ffn=ffn[rank]))
     vocab = partition_rows("token_embd.weight", cfg.vocab_size, tp)[rank]
     return ModelPartition(rank=rank, tp=tp, layers=tuple(layers), vocab=vocab)

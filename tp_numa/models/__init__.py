@@ -17,14 +17,16 @@ from ..gguf_loader import GGUFFile, open_gguf
 from ..layers.partition import plan_model
 from .gemma3 import Gemma3ForCausalLM
 from .llama import LlamaForCausalLM
-from .qwen2 import Qwen2ForCausalLM
-from .qwen3 import Qwen3ForCausalLM
+from .qwen2 import Qwen2ForCausalLM, Qwen2MoeForCausalLM
+from .qwen3 import Qwen3ForCausalLM, Qwen3MoeForCausalLM
 
 ARCHITECTURES = {
     "llama": LlamaForCausalLM,
     "qwen2": Qwen2ForCausalLM,
     "qwen3": Qwen3ForCausalLM,
     "gemma3": Gemma3ForCausalLM,
+    "qwen2moe": Qwen2MoeForCausalLM,
+    "qwen3moe": Qwen3MoeForCausalLM,
 }
 
 

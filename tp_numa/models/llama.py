@@ -10,7 +10,10 @@ n_kv and ffn features f_r):
     out = h + down_proj(silu(gate) * up)             gate,up = gate_up_proj(post_attention_layernorm(h))
 
 o_proj and down_proj are row-parallel: their forward ends in the all-reduce that sums
-the ranks' partial outputs. Everything else is local to the rank.
+the ranks' partial outputs. Everything else is local to the rank. In a mixture-of-experts
+layer (qwen3moe, qwen2moe, Mixtral) the FFN is a ``layers.moe.MoE`` block instead: a
+replicated router, this rank's slice of every expert and of the shared expert, and one
+all-reduce of their summed partials.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from ..layers import fused_path, native_decode
 from ..layers.attention import Attention
 from ..layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from ..layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from ..layers.moe import MoE
 from ..layers.norm import RMSNorm
 from ..layers.partition import HeadShard, LayerPartition, ModelPartition
 from ..layers.rotary import RotaryEmbedding
@@ -81,32 +85,52 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Gated FFN on this rank's features ``[f0, f1)``: ``down(act(gate) * up)``."""
+    """Gated FFN on this rank's features ``[f0, f1)``: ``down(act(gate) * up)``.
 
-    def __init__(self, cfg: ModelConfig, ffn_range: tuple[int, int], tp_size: int):
+    ``ffn_dim`` defaults to the model's; a MoE layer's shared expert passes its own."""
+
+    def __init__(self, cfg: ModelConfig, ffn_range: tuple[int, int], tp_size: int, ffn_dim: int | None = None):
         super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(cfg.d_model, [cfg.ffn_dim, cfg.ffn_dim], [ffn_range, ffn_range])
-        self.down_proj = RowParallelLinear(cfg.ffn_dim, cfg.d_model, in_range=ffn_range, tp_size=tp_size)
+        ffn_dim = cfg.ffn_dim if ffn_dim is None else ffn_dim
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.d_model, [ffn_dim, ffn_dim], [ffn_range, ffn_range])
+        self.down_proj = RowParallelLinear(ffn_dim, cfg.d_model, in_range=ffn_range, tp_size=tp_size)
         self.act = cfg.ffn_act
         # act_mul needs [gate | up] halves of equal width (always so: same range of both)
         gs, us = self.gate_up_proj.local_sizes
         self._fusable = gs == us
 
-    def load_gguf(self, f: GGUFFile, prefix: str) -> None:
-        self.gate_up_proj.load_gguf(f, [prefix + "ffn_gate.weight", prefix + "ffn_up.weight"])
-        self.down_proj.load_gguf(f, prefix + "ffn_down.weight")
+    def load_gguf(self, f: GGUFFile, prefix: str, suffix: str = "") -> None:
+        """Tensors ``ffn_gate{suffix}`` etc. (suffix ``_shexp``: a MoE layer's shared expert)."""
+        self.gate_up_proj.load_gguf(f, [prefix + f"ffn_gate{suffix}.weight", prefix + f"ffn_up{suffix}.weight"])
+        self.down_proj.load_gguf(f, prefix + f"ffn_down{suffix}.weight")
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, d] -> act(gate) * up [T, f_r], this rank's features."""
+        gu = self.gate_up_proj(x)                                # (T, 2 f_r) = [gate | up]
+        if self._fusable and fused_path.applies(gu):
+            return fused_ops.act_mul(gu, self.act == "gelu_tanh")
+        gate, up = torch.split(gu, self.gate_up_proj.local_sizes, dim=1)   # (T, f_r) each
+        if self.act == "gelu_tanh":
+            return F.gelu(gate, approximate="tanh") * up
+        return F.silu(gate) * up
+
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, d] -> float64 [T, d]: this rank's share of the output, not yet summed."""
+        return self.down_proj.partial(self.hidden(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, d] -> [T, d] (summed over ranks by down_proj)."""
-        gu = self.gate_up_proj(x)                                # (T, 2 f_r) = [gate | up]
-        if self._fusable and fused_path.applies(gu):
-            return self.down_proj(fused_ops.act_mul(gu, self.act == "gelu_tanh"))
-        gate, up = torch.split(gu, self.gate_up_proj.local_sizes, dim=1)   # (T, f_r) each
-        if self.act == "gelu_tanh":
-            hidden = F.gelu(gate, approximate="tanh") * up
-        else:
-            hidden = F.silu(gate) * up
-        return self.down_proj(hidden)
+        return self.down_proj(self.hidden(x))
+
+
+def make_ffn(cfg: ModelConfig, part: LayerPartition, tp_size: int) -> nn.Module:
+    """The layer's FFN on this rank: a dense MLP, or a MoE block (routed experts + shared
+    expert, one all-reduce) when the partition gives the layer experts."""
+    if not part.is_moe:
+        return MLP(cfg, part.ffn, tp_size)
+    moe = cfg.moe
+    shared = MLP(cfg, part.shared, tp_size, ffn_dim=moe.shared_ff) if part.shared is not None else None
+    return MoE(moe, cfg.d_model, part.experts, part.shared, shared, tp_size, cfg.ffn_act)
 
 
 class DecoderLayer(nn.Module):
@@ -118,7 +142,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.self_attn = SelfAttention(cfg, layer_idx, part.heads, rotary, tp_size)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = MLP(cfg, part.ffn, tp_size)
+        self.mlp = make_ffn(cfg, part, tp_size)
 
     def load_gguf(self, f: GGUFFile, prefix: str) -> None:
         self.input_layernorm.load_gguf(f, prefix + "attn_norm.weight")

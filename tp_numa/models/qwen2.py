@@ -12,3 +12,9 @@ from .llama import LlamaForCausalLM
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
     """Same modules and forward as LlamaForCausalLM (see its docstring)."""
+
+
+class Qwen2MoeForCausalLM(LlamaForCausalLM):
+    """qwen2moe (Qwen1.5-MoE, Qwen2-57B-A14B): qwen2's attention (qkv bias), and in every
+    layer a MoE FFN: softmax router, top-k weights not renormalised, plus a shared expert
+    whose output is scaled by ``sigmoid(ffn_gate_inp_shexp . x)`` (ModelConfig.moe)."""

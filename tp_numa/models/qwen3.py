@@ -13,3 +13,9 @@ from .llama import LlamaForCausalLM
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
     """Same modules and forward as LlamaForCausalLM (see its docstring)."""
+
+
+class Qwen3MoeForCausalLM(LlamaForCausalLM):
+    """qwen3moe (Qwen3-30B-A3B, 235B-A22B, Qwen3-Coder-480B): qwen3's attention, and in every
+    layer a MoE FFN (``layers.moe.MoE``): softmax router, top-k, the k weights renormalised,
+    no shared expert (ModelConfig.moe)."""
