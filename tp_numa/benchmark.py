@@ -66,6 +66,28 @@ def model_info(gguf_file) -> ModelInfo:
     return ModelInfo(os.path.abspath(gguf_file.path), gguf_file.arch, n_bytes, n_params, ftype, str(label))
 
 
+def decode_bytes_per_token(header) -> int:
+    """Bytes of weights one decode step reads (all ranks together), from a GGUF header.
+
+    Every weight matrix is read once per token; the token embedding only by one row,
+    unless it doubles as the output matrix (tied), when it is read in full. A MoE layer's
+    routed experts (``*_exps`` tensors) are read for the k chosen of E experts only:
+    k / E of their bytes."""
+    tensors = header.tensors
+    arch = header.metadata("general.architecture", "")
+    n_expert = int(header.metadata(f"{arch}.expert_count", 0) or 0)
+    k = int(header.metadata(f"{arch}.expert_used_count", 0) or 0)
+    total = 0
+    for name, t in tensors.items():
+        if name == "token_embd.weight" and "output.weight" in tensors:
+            continue
+        if "_exps." in name and n_expert > 0:
+            total += t.n_bytes * k // n_expert
+        else:
+            total += t.n_bytes
+    return total
+
+
 def format_size(n_bytes: int) -> str:
     """llama-bench's size column."""
     if n_bytes < 1024 ** 3:

@@ -3,7 +3,7 @@
 // Decode (T = 1): one call for the k chosen experts, threads spread over (expert, row
 // chunk) work items so every core is busy for any k and any slice width:
 //   1. x prepared once per activation form (8-bit blocks for the gate and up types);
-//   2. gate and up rows of all k experts: one parallel pass over chunks of kChunkRows rows;
+//   2. gate and up rows of all k experts: one parallel pass over row chunks (chunk_rows);
 //   3. h_j = act(gate_j) * up_j, prepared for down's type, one expert per task;
 //   4. down rows of all k experts (Exact, float64): one parallel pass over row chunks;
 //   5. y = sum_j w_j down_j in float64, in the order of the top-k list.
@@ -14,6 +14,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <type_traits>
 #include <vector>
 
@@ -29,9 +30,21 @@ using quant::ActKind;
 using quant::Kernels;
 using quant::TypeInfo;
 
-// Rows per decode work item (a multiple of 4, the x4 group): 64 rows of 2048 Q4_K inputs
-// are 72 KiB, small enough to balance 2-8 threads over k = 8 slices of 256-2048 rows.
-constexpr int64_t kChunkRows = 64;
+// Rows per decode work item (a multiple of 4, the x4 group): about kItemsPerThread items
+// per thread, so threads stay balanced over k slices of any width, but at least kMinChunk
+// rows, so each kernel call streams long enough runs for its prefetches to pay.
+// TP_NUMA_MOE_CHUNK=<rows> fixes the size (for A/B runs).
+constexpr int64_t kItemsPerThread = 8, kMinChunk = 64, kMaxChunk = 1024;
+
+int64_t chunk_rows(int64_t total_rows) {
+    static const int64_t forced = [] {
+        const char* v = std::getenv("TP_NUMA_MOE_CHUNK");
+        return v != nullptr ? std::max<int64_t>(4, std::atoll(v) / 4 * 4) : int64_t(0);
+    }();
+    if (forced > 0) return forced;
+    const int64_t want = total_rows / (kItemsPerThread * at::get_num_threads());
+    return std::clamp<int64_t>(want / 4 * 4, kMinChunk, kMaxChunk);
+}
 
 uint8_t* grow(std::vector<uint8_t>& buf, size_t bytes) {
     if (buf.size() < bytes) buf.resize(bytes + 64);
@@ -120,8 +133,8 @@ struct Item {
     int64_t r0, r1;
 };
 
-void add_items(std::vector<Item>& items, int j, int mat, int64_t rows) {
-    for (int64_t r0 = 0; r0 < rows; r0 += kChunkRows) items.push_back({j, mat, r0, std::min(rows, r0 + kChunkRows)});
+void add_items(std::vector<Item>& items, int j, int mat, int64_t rows, int64_t chunk) {
+    for (int64_t r0 = 0; r0 < rows; r0 += chunk) items.push_back({j, mat, r0, std::min(rows, r0 + chunk)});
 }
 
 at::Tensor experts_decode(const at::Tensor& x, const int64_t* ids, const float* wts, int64_t k,
@@ -156,9 +169,10 @@ at::Tensor experts_decode(const at::Tensor& x, const int64_t* ids, const float* 
     for (int j = 0; j < nj; ++j) gu_off[j + 1] = gu_off[j] + 2 * ff[es[j]];
     std::vector<float> gu(static_cast<size_t>(gu_off[nj]));
     std::vector<Item> items;
+    const int64_t gu_chunk = chunk_rows(gu_off[nj]);
     for (int j = 0; j < nj; ++j) {
-        add_items(items, j, 0, ff[es[j]]);
-        add_items(items, j, 1, ff[es[j]]);
+        add_items(items, j, 0, ff[es[j]], gu_chunk);
+        add_items(items, j, 1, ff[es[j]], gu_chunk);
     }
     at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
@@ -188,7 +202,8 @@ at::Tensor experts_decode(const at::Tensor& x, const int64_t* ids, const float* 
     // 4. down of every chosen expert: dn[j] = down_j(h_j), float64 [d]
     std::vector<double> dn(size_t(nj) * d);
     items.clear();
-    for (int j = 0; j < nj; ++j) add_items(items, j, 2, d);
+    const int64_t down_chunk = chunk_rows(nj * d);
+    for (int j = 0; j < nj; ++j) add_items(items, j, 2, d, down_chunk);
     at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
             const Item& it = items[i];

@@ -215,18 +215,12 @@ def run(args) -> int:
 
 
 def _weight_read_rate(llm, res) -> tuple[float, float] | None:
-    """(bytes of weights one decode step reads over all ranks, GB/s at the measured speed).
+    """(bytes of weights one decode step reads over all ranks, GB/s at the measured speed)
+    (``benchmark.decode_bytes_per_token``)."""
+    from ..benchmark import decode_bytes_per_token, mean_std
+    from ..gguf_loader import read_header
 
-    Every weight matrix is read once per token; the token embedding only by one row,
-    unless it doubles as the output matrix (tied), when it is read in full.
-    """
-    from ..benchmark import mean_std
-    from ..gguf_loader import open_gguf
-
-    f = open_gguf(llm.path)
-    total = sum(t.n_bytes for t in f.tensors.values())
-    if "output.weight" in f.tensors and "token_embd.weight" in f.tensors:
-        total -= f.tensors["token_embd.weight"].n_bytes
+    total = decode_bytes_per_token(read_header(llm.path))
     ts, _ = mean_std(res.samples_ts)
     return (total, total * ts / 1e9) if ts > 0 else None
 
