@@ -342,3 +342,45 @@ def test_moe_tp_matches_single_rank(moe_tp_results, name):
     plan, modules = moe_tp_results[2][name], moe_tp_results["2-modules"][name]
     assert plan["native_decode"].all()
     assert np.array_equal(plan["step_logits"], modules["step_logits"])
+
+
+# ---------------------------------------------------------------- plan and balance report
+
+
+@pytest.mark.parametrize("arch", ["qwen2moe", "llama"])
+def test_plan_expert_bytes_are_the_loaded_slices(tmp_path, arch):
+    """``tp-numa plan`` (header only) gives every rank the expert and shared-expert bytes
+    that loading that rank's share really holds."""
+    from tp_numa.distributed.parallel_state import ParallelState
+    from tp_numa.offload import load_placement, plan_for_file
+
+    path = write_moe_model(tmp_path / "m.gguf", moe_spec(arch, merged_gate_up=arch == "llama"))
+    for tp in (2, 3):
+        plan = plan_for_file(path, load_placement("all-cpu", check=False, n_gpus=0), tp, n_gpus=0)
+        by_name = {e.module: e for e in plan.entries}
+        for r in range(tp):
+            model, _ = load_model(path, ParallelState(rank=r, world_size=tp))
+            for i, layer in enumerate(model.model.layers):
+                assert by_name[f"model.layers.{i}.mlp.experts"].nbytes[r] == int(layer.mlp.experts.slice_bytes().sum())
+                if layer.mlp.shared_expert is not None:
+                    held = layer.mlp.shared_expert.down_proj.weight.numel()
+                    assert by_name[f"model.layers.{i}.mlp.shared_expert.down_proj"].nbytes[r] == held
+
+
+def test_expert_balance_report(tmp_path):
+    from tp_numa.layers import expert_balance
+
+    path = write_moe_model(tmp_path / "m.gguf", moe_spec("qwen3moe"))
+    model, _ = load_model(path)
+    model.setup_cache(64, torch.float32)
+    expert_balance.set_counting(model, True)
+    model(torch.tensor(TOKENS[:4]), 0)
+    for i, t in enumerate(TOKENS[4:]):        # decode steps through the native plan count too
+        model(torch.tensor([t]), 4 + i)
+    for m in expert_balance.moe_layers(model):
+        assert int(m.expert_counts.sum()) == len(TOKENS) * 3
+    line = expert_balance.report(model)
+    assert f"{len(TOKENS)} tokens routed" in line and "balance 1.000" in line
+    expert_balance.set_counting(model, False)
+    model(torch.tensor([1]), 20)
+    assert all(int(m.expert_counts.sum()) == 0 for m in expert_balance.moe_layers(model))

@@ -166,8 +166,19 @@ class LLM:
             )
             _log(f"memory: {huge_page_bytes() / 2**20:.0f} MiB of rank 0 on huge pages "
                  f"(transparent huge pages: {thp_mode() or 'unknown'}; TP_NUMA_HUGEPAGES=0 turns them off)")
+        if verbose and config.moe is not None:
+            from .layers import expert_balance
+
+            expert_balance.set_counting(net, True)
         return cls(model=net, config=config, tokenizer=tokenizer, path=path, state=state,
                    max_context=ctx, prefill_chunk=prefill_chunk, quiet=quiet)
+
+    def expert_balance(self) -> str | None:
+        """For a MoE model loaded with ``verbose``: how evenly the ranks' expert work ran
+        (``layers/expert_balance.py``). Collective: every rank calls it; the text on rank 0."""
+        from .layers import expert_balance
+
+        return expert_balance.report(self.model)
 
     # ---- tokens ---------------------------------------------------------------------
 

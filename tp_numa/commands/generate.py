@@ -130,6 +130,10 @@ def run(args) -> int:
         system=args.system,
     ):
         out.write(piece)
+    if args.verbose and not args.quiet and llm.config.moe is not None:
+        line = llm.expert_balance()
+        if line is not None:
+            print(f"\ntp-numa: {line}", file=sys.stderr, flush=True)
     # On a terminal, end the line on stderr so the shell prompt starts afresh while
     # stdout stays exactly the continuation.
     if state.is_main and not out.closed and out.last and not out.last.endswith("\n") and sys.stdout.isatty():
