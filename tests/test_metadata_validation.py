@@ -180,10 +180,8 @@ def test_rope_freqs_length(tmp_path):
 # ---- tensors llama.cpp accepts but tp_numa would not use: refused by name -------------------
 
 @pytest.mark.parametrize("arch, tensor, exc", [
-    ("llama", "blk.0.attn_output.bias", UnsupportedError),       # llama.cpp adds it (wo_b)
-    ("llama", "blk.0.ffn_down.bias", UnsupportedError),          # llama.cpp: ffn_down_b
-    ("llama", "blk.0.ffn_gate.bias", UnsupportedError),
-    ("qwen2", "output.bias", UnsupportedError),                  # llama.cpp: output_b on the logits
+    ("qwen3", "output.bias", ModelFormatError),                  # applied for qwen2 only (output_b)
+    ("qwen2", "blk.0.attn_output.bias", ModelFormatError),       # applied for llama only (wo_b)
     ("qwen3", "blk.0.attn_qkv.weight", UnsupportedError),        # fused q/k/v
     ("gemma3", "blk.0.attn_q.scale", UnsupportedError),          # per-tensor weight scale
     ("llama", "blk.0.attn_q_norm.weight", ModelFormatError),     # llama.cpp refuses the file
@@ -197,6 +195,22 @@ def test_unused_tensor_is_refused(tmp_path, arch, tensor, exc):
     arr = np.zeros(shapes.get(tensor, (128,)))
     msg = _fails(tmp_path, arch, exc, tensors={tensor: arr})
     assert f"tensor '{tensor}'" in msg, msg
+
+
+def test_optional_biases_are_applied(tmp_path):
+    """llama's attn_output / ffn biases and qwen2's output bias load and change the logits
+    (tests/test_arch_fixtures.py checks the values against llama.cpp)."""
+    import torch
+
+    def logits(arch, tensors):
+        model, _ = load_model(write_model(tmp_path / f"{arch}{len(tensors)}.gguf", _spec(arch, tensors=tensors)))
+        model.setup_cache(8, torch.float32)
+        return model(torch.tensor([1, 2, 3]), 0)
+
+    llama = {"blk.0.attn_output.bias": np.full(128, 0.5), "blk.0.ffn_gate.bias": np.full(160, 0.5),
+             "blk.0.ffn_up.bias": np.full(160, 0.5), "blk.0.ffn_down.bias": np.full(128, 0.5)}
+    assert not torch.equal(logits("llama", llama), logits("llama", {}))
+    assert not torch.equal(logits("qwen2", {"output.bias": np.full(301, 0.5)}), logits("qwen2", {}))
 
 
 def test_optional_tensors_llama_cpp_ignores_are_accepted(tmp_path):
@@ -294,7 +308,7 @@ def test_gemma3_window_and_pattern(tmp_path):
     ({"rope.scaling.factor": -1.0}, None, ["'llama.rope.scaling.factor' = -1.0"]),
     ({"embedding_length": 32, "attention.key_length": 32, "attention.value_length": 32}, None,
      ["tensor 'token_embd.weight'", "llama.embedding_length"]),
-    (None, {"blk.0.attn_output.bias": np.zeros(64)}, ["tensor 'blk.0.attn_output.bias'", "not supported"]),
+    (None, {"blk.0.attn_q.scale": np.zeros(1)}, ["tensor 'blk.0.attn_q.scale'", "not supported"]),
 ])
 def test_cli_one_line(cli_env, tmp_path, meta, tensors, needles):
     f = write_tiny_llama(tmp_path / "bad.gguf", meta=meta, extra_tensors=tensors)

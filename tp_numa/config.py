@@ -20,7 +20,7 @@ from .moe_config import MoEConfig
 # NEOX rotates halves (x[i], x[i + d/2]). The llama converter permutes q/k so that NORM
 # applies; qwen2/qwen3/gemma3 keep the HF layout and use NEOX.
 ROPE_STYLE = {"llama": "norm", "qwen2": "neox", "qwen3": "neox", "gemma3": "neox",
-              "qwen2moe": "neox", "qwen3moe": "neox"}
+              "qwen2moe": "neox", "qwen3moe": "neox", "olmoe": "neox"}
 
 # gemma3: local (sliding-window) layers use rope base 10000, and every 6th layer
 # (il % 6 == 5) is global (llama.cpp: set_swa_pattern(6), rope_freq_base_train_swa).
@@ -58,6 +58,9 @@ class ModelConfig:
     tied_output: bool = False
     qkv_bias: bool = False
     qk_norm: bool = False
+    qk_norm_full: bool = False       # olmoe: q/k RMSNorm over all heads at once, not per head
+    o_bias: bool = False             # attn_output.bias (llama)
+    ffn_bias: bool = False           # ffn_{gate,up,down}.bias of dense FFNs (llama)
     sandwich_norms: bool = False     # gemma3: post-attention and pre/post-FFN norms
     ffn_act: str = "silu"            # "silu" | "gelu_tanh"
     embed_scale: float = 1.0
@@ -169,6 +172,9 @@ class ModelConfig:
             if n_layers == 62:
                 # gemma3-27B scales queries by 1/sqrt(d_model / n_heads) (llama.cpp does the same)
                 cfg.attn_scale = 1.0 / math.sqrt(d_model / n_heads)
+        cfg.qk_norm_full = arch == "olmoe"
+        cfg.o_bias = f.has("blk.0.attn_output.bias")
+        cfg.ffn_bias = f.has("blk.0.ffn_gate.bias")
         cfg.moe = MoEConfig.from_gguf(f, arch, n_layers)
         hp.check_tensors(f, cfg)
         return cfg

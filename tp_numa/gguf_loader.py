@@ -41,7 +41,7 @@ SUPPORTED_TYPES = frozenset(
     )
 )
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "qwen2moe", "qwen3moe")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "qwen2moe", "qwen3moe", "olmoe")
 
 
 @dataclass(frozen=True)

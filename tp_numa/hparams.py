@@ -139,7 +139,7 @@ LAYOUTS = {
     "qwen2": Layout(qk_norm=False, sandwich_norms=False, rope_freqs=False, full_rope=True),
     # cls_out: the reranker head, used only for rank pooling
     "qwen3": Layout(qk_norm=True, sandwich_norms=False, rope_freqs=False, full_rope=True,
-                    ignored=frozenset({"cls_out.weight"})),
+                    ignored=frozenset({"cls_out.weight", "cls.output.weight"})),
     # dense_2/3_out: sentence-transformer projections, used only for embeddings
     "gemma3": Layout(qk_norm=True, sandwich_norms=True, rope_freqs=False, full_rope=False,
                      ignored=frozenset({"dense_2_out.weight", "dense_3_out.weight"})),
@@ -150,6 +150,10 @@ LAYOUTS = {
 _LLAMA_CPP_OPTIONAL = {
     "*": ("attn_qkv.weight", "attn_qkv.bias", "attn_q.scale", "attn_k.scale", "attn_v.scale",
           "attn_output.scale", "attn_qkv.scale", "ffn_gate.scale", "ffn_up.scale", "ffn_down.scale"),
+}
+# Optional biases llama.cpp applies per architecture, which tp_numa applies too; in any other
+# architecture they are refused (llama.cpp does not load them there either).
+_OPTIONAL_BIASES = {
     "llama": ("attn_output.bias", "ffn_gate.bias", "ffn_up.bias", "ffn_down.bias"),
     "qwen2": ("output.bias",),
 }
@@ -183,11 +187,21 @@ def _expected_shapes(cfg, dense: bool) -> dict[str, tuple[tuple[int, ...], str]]
         "ffn_up.weight": ((ff, d), f"({F}, {E})"),
         "ffn_down.weight": ((d, ff), f"({E}, {F})"),
     }
+    allowed = _OPTIONAL_BIASES.get(a, ())
+    if "attn_output.bias" in allowed:
+        layer["attn_output.bias"] = ((d,), E)
+    if "ffn_gate.bias" in allowed:
+        layer.update({"ffn_gate.bias": ((ff,), F), "ffn_up.bias": ((ff,), F), "ffn_down.bias": ((d,), E)})
+    if "output.bias" in allowed:
+        out["output.bias"] = ((V,), "vocabulary")
     if not dense:
         layer = {n: v for n, v in layer.items() if not n.startswith("ffn_")}
     if cfg.qkv_bias:
         layer.update({"attn_q.bias": ((q,), qs), "attn_k.bias": ((kv,), kvs), "attn_v.bias": ((kv,), kvs)})
-    if cfg.qk_norm:
+    if cfg.qk_norm and getattr(cfg, "qk_norm_full", False):
+        # olmoe: one norm over all heads
+        layer.update({"attn_q_norm.weight": ((q,), qs), "attn_k_norm.weight": ((kv,), kvs)})
+    elif cfg.qk_norm:
         layer.update({"attn_q_norm.weight": ((hd,), hdk), "attn_k_norm.weight": ((hd,), hdk)})
     if cfg.sandwich_norms:
         layer.update({"post_attention_norm.weight": ((d,), E), "post_ffw_norm.weight": ((d,), E)})

@@ -11,6 +11,7 @@ architecture instead of reading (its ``build_moe_ffn`` call in each graph):
 | qwen3moe | softmax | yes | none |
 | qwen2moe | softmax | no | ``ffn_*_shexp``, output x sigmoid(``ffn_gate_inp_shexp`` . x) |
 | llama with experts (Mixtral) | softmax | yes | none |
+| olmoe | softmax | no | none |
 
 The expert width comes from the expert tensors themselves (``ffn_down_exps`` is
 ``[n_expert, d, n_ff_exp]``) and must agree with the key where the file has it.
@@ -28,8 +29,9 @@ _ARCH_RULES = {
     "qwen3moe": (True, False),
     "qwen2moe": (False, True),
     "llama": (True, False),
+    "olmoe": (False, False),
 }
-MOE_ARCHS = ("qwen3moe", "qwen2moe")     # always MoE (llama is MoE when expert_count > 0)
+MOE_ARCHS = ("qwen3moe", "qwen2moe", "olmoe")     # always MoE (llama is MoE when expert_count > 0)
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,8 @@ class MoEConfig:
                       f"n_ff_exp]")
         expert_ff = down.shape[2]
         key_ff = opt("expert_feed_forward_length")
-        if arch != "llama" and key_ff is not None and int(key_ff) != expert_ff:
+        # llama (Mixtral) and olmoe size experts by feed_forward_length; 0 = not set
+        if key_ff not in (None, 0) and arch not in ("llama", "olmoe") and int(key_ff) != expert_ff:
             raise bad(f"metadata '{arch}.expert_feed_forward_length' = {key_ff} but tensor '{down.name}' has "
                       f"{expert_ff} expert features")
         norm, gated_shared = _ARCH_RULES[arch]

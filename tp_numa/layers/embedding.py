@@ -115,6 +115,7 @@ class ParallelLMHead(nn.Module):
         self.vocab_range = tuple(vocab_range) if vocab_range is not None else all_ranges[st.tp_rank]
         self.sizes = [b - a for a, b in all_ranges]
         self.register_buffer("weight", None, persistent=False)
+        self.register_buffer("bias", None, persistent=False)   # output.bias (qwen2), this rank's rows
         self.weight_qtype = -1
         self.softcap: float | None = None
 
@@ -139,8 +140,17 @@ class ParallelLMHead(nn.Module):
         else:
             linear_method_for(embedding.qtype).create_weights(self, "weight", embedding.weight, embedding.qtype)
 
+    def load_bias(self, f: GGUFFile, name: str) -> None:
+        """The output bias [V] (llama.cpp adds it when the file has one): this rank's entries."""
+        info = f.info(name)
+        if info.shape != (self.vocab_size,):
+            raise ModelFormatError(f"{f.path}: tensor '{name}' has shape {list(info.shape)}, expected [{self.vocab_size}]")
+        self.bias = f.read_float(name, *self.vocab_range)
+
     def forward(self, h: torch.Tensor) -> torch.Tensor | None:
         logits = method_of(self, "weight").apply(self, "weight", h)   # (T, v1 - v0)
+        if self.bias is not None:
+            logits = logits.add_(self.bias)
         if self.tp_size > 1:
             from ..distributed import communicator
 

@@ -112,6 +112,8 @@ def why_not(model) -> str | None:
             return f"layer {i}: attention is not the native CPU attention"
         if attn.attn.k_cache is None or not attn.attn.k_cache.is_cpu:
             return f"layer {i}: no CPU KV cache (setup_cache not called?)"
+        if attn.q_norm is not None and not isinstance(attn.q_norm, RMSNorm):
+            return f"layer {i}: q/k norm over all heads (olmoe) runs in the module path"
         if attn.kv_expand is not None:
             return f"layer {i}: this rank's query heads straddle KV groups unevenly"
         ffn_linears = _ffn_linears(layer.mlp)

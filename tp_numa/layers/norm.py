@@ -35,3 +35,45 @@ class RMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}"
+
+
+class ShardedRMSNorm(nn.Module):
+    """RMSNorm over a vector split across the ranks by heads (OLMoE's q/k norm: one norm
+    over all ``n_heads * head_dim`` values, each rank holding its heads' share).
+
+        y_i = x_i / sqrt(sum_all x^2 / full_dim + eps) * w_i
+
+    Each rank sums the squares of its ``owned`` values in float64, the sums are
+    all-reduced (a [T] float64 vector), and the scale is rounded to float32 once, as
+    llama.cpp's rms_norm does with its double sum. ``owned`` leaves out heads that another
+    rank also holds (KV heads replicated when tp > n_kv_heads), so every value counts once.
+    """
+
+    def __init__(self, full_dim: int, local: tuple[int, int], eps: float, owned: tuple[int, int] | None = None,
+                 tp_size: int = 1):
+        super().__init__()
+        self.full_dim, self.local, self.eps, self.tp_size = full_dim, tuple(local), eps, tp_size
+        self.owned = tuple(owned) if owned is not None else (0, local[1] - local[0])   # within the local slice
+        self.register_buffer("weight", torch.ones(local[1] - local[0]), persistent=False)
+
+    def load_gguf(self, f: GGUFFile, name: str) -> None:
+        info = f.info(name)
+        if tuple(info.shape) != (self.full_dim,):
+            raise ModelFormatError(f"{f.path}: tensor '{name}' has shape {list(info.shape)}, expected [{self.full_dim}]")
+        self.weight = f.read_float(name, *self.local)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H_local, hd] (this rank's heads) -> same shape, float32."""
+        T = x.shape[0]
+        flat = x.reshape(T, -1)                                           # (T, local values)
+        a, b = self.owned
+        ss = flat[:, a:b].double().pow(2).sum(-1)                          # (T,) float64
+        if self.tp_size > 1:
+            from ..distributed import communicator
+
+            communicator.all_reduce(ss)
+        scale = (1.0 / torch.sqrt(ss / self.full_dim + self.eps)).float()  # (T,)
+        return (flat * scale[:, None] * self.weight).reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        return f"{self.full_dim} (local {self.local}), eps={self.eps}"

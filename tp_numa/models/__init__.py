@@ -16,7 +16,7 @@ from ..distributed import parallel_state
 from ..gguf_loader import GGUFFile, open_gguf
 from ..layers.partition import plan_model
 from .gemma3 import Gemma3ForCausalLM
-from .llama import LlamaForCausalLM
+from .llama import LlamaForCausalLM, OlmoeForCausalLM
 from .qwen2 import Qwen2ForCausalLM, Qwen2MoeForCausalLM
 from .qwen3 import Qwen3ForCausalLM, Qwen3MoeForCausalLM
 
@@ -27,6 +27,7 @@ ARCHITECTURES = {
     "gemma3": Gemma3ForCausalLM,
     "qwen2moe": Qwen2MoeForCausalLM,
     "qwen3moe": Qwen3MoeForCausalLM,
+    "olmoe": OlmoeForCausalLM,
 }
 
 

@@ -29,7 +29,7 @@ from ..layers.attention import Attention
 from ..layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from ..layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from ..layers.moe import MoE
-from ..layers.norm import RMSNorm
+from ..layers.norm import RMSNorm, ShardedRMSNorm
 from ..layers.partition import HeadShard, LayerPartition, ModelPartition
 from ..layers.rotary import RotaryEmbedding
 
@@ -43,7 +43,17 @@ class SelfAttention(nn.Module):
         hd = cfg.head_dim
         self.layer_idx = layer_idx
         self.qkv_proj = QKVParallelLinear(cfg.d_model, hd, cfg.n_heads, cfg.n_kv_heads, shard, bias=cfg.qkv_bias)
-        if cfg.qk_norm:
+        if cfg.qk_norm and cfg.qk_norm_full:
+            # olmoe: one norm over all heads; this rank normalises its heads' share, the sum
+            # of squares all-reduced (each replicated KV head counted by its owner only)
+            group = cfg.n_heads // cfg.n_kv_heads
+            own = (max(shard.kv[0], -(-shard.q[0] // group)), min(shard.kv[1], (shard.q[1] - 1) // group + 1))
+            self.q_norm = ShardedRMSNorm(cfg.n_heads * hd, (shard.q[0] * hd, shard.q[1] * hd), cfg.norm_eps,
+                                         tp_size=tp_size)
+            self.k_norm = ShardedRMSNorm(cfg.n_kv_heads * hd, (shard.kv[0] * hd, shard.kv[1] * hd), cfg.norm_eps,
+                                         owned=((own[0] - shard.kv[0]) * hd, max(own[0], own[1]) * hd - shard.kv[0] * hd),
+                                         tp_size=tp_size)
+        elif cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.norm_eps)
             self.k_norm = RMSNorm(hd, cfg.norm_eps)
         else:
@@ -60,7 +70,7 @@ class SelfAttention(nn.Module):
         n_kv_cache = shard.n_kv if uniform else shard.n_q
         self.attn = Attention(shard.n_q, n_kv_cache, hd, cfg.attn_scale, cfg.window_for(layer_idx), layer_idx)
         self.o_proj = RowParallelLinear(cfg.n_heads * hd, cfg.d_model, in_range=(shard.q[0] * hd, shard.q[1] * hd),
-                                        tp_size=tp_size)
+                                        tp_size=tp_size, bias=cfg.o_bias)
 
     def load_gguf(self, f: GGUFFile, prefix: str) -> None:
         bias = [prefix + n for n in ("attn_q.bias", "attn_k.bias", "attn_v.bias")] if self.qkv_proj.has_bias else None
@@ -68,7 +78,7 @@ class SelfAttention(nn.Module):
         if self.q_norm is not None:
             self.q_norm.load_gguf(f, prefix + "attn_q_norm.weight")
             self.k_norm.load_gguf(f, prefix + "attn_k_norm.weight")
-        self.o_proj.load_gguf(f, prefix + "attn_output.weight")
+        self.o_proj.load_gguf(f, prefix + "attn_output.weight", prefix + "attn_output.bias" if self.o_proj.has_bias else None)
 
     def forward(self, x: torch.Tensor, start_pos: int, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x [T, d] -> [T, d] (summed over ranks by o_proj)."""
@@ -89,11 +99,13 @@ class MLP(nn.Module):
 
     ``ffn_dim`` defaults to the model's; a MoE layer's shared expert passes its own."""
 
-    def __init__(self, cfg: ModelConfig, ffn_range: tuple[int, int], tp_size: int, ffn_dim: int | None = None):
+    def __init__(self, cfg: ModelConfig, ffn_range: tuple[int, int], tp_size: int, ffn_dim: int | None = None,
+                 bias: bool = False):
         super().__init__()
         ffn_dim = cfg.ffn_dim if ffn_dim is None else ffn_dim
-        self.gate_up_proj = MergedColumnParallelLinear(cfg.d_model, [ffn_dim, ffn_dim], [ffn_range, ffn_range])
-        self.down_proj = RowParallelLinear(ffn_dim, cfg.d_model, in_range=ffn_range, tp_size=tp_size)
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.d_model, [ffn_dim, ffn_dim], [ffn_range, ffn_range],
+                                                       bias=bias)
+        self.down_proj = RowParallelLinear(ffn_dim, cfg.d_model, in_range=ffn_range, tp_size=tp_size, bias=bias)
         self.act = cfg.ffn_act
         # act_mul needs [gate | up] halves of equal width (always so: same range of both)
         gs, us = self.gate_up_proj.local_sizes
@@ -101,8 +113,10 @@ class MLP(nn.Module):
 
     def load_gguf(self, f: GGUFFile, prefix: str, suffix: str = "") -> None:
         """Tensors ``ffn_gate{suffix}`` etc. (suffix ``_shexp``: a MoE layer's shared expert)."""
-        self.gate_up_proj.load_gguf(f, [prefix + f"ffn_gate{suffix}.weight", prefix + f"ffn_up{suffix}.weight"])
-        self.down_proj.load_gguf(f, prefix + f"ffn_down{suffix}.weight")
+        b = self.down_proj.has_bias
+        self.gate_up_proj.load_gguf(f, [prefix + f"ffn_gate{suffix}.weight", prefix + f"ffn_up{suffix}.weight"],
+                                    [prefix + f"ffn_gate{suffix}.bias", prefix + f"ffn_up{suffix}.bias"] if b else None)
+        self.down_proj.load_gguf(f, prefix + f"ffn_down{suffix}.weight", prefix + f"ffn_down{suffix}.bias" if b else None)
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, d] -> act(gate) * up [T, f_r], this rank's features."""
@@ -127,7 +141,7 @@ def make_ffn(cfg: ModelConfig, part: LayerPartition, tp_size: int) -> nn.Module:
     """The layer's FFN on this rank: a dense MLP, or a MoE block (routed experts + shared
     expert, one all-reduce) when the partition gives the layer experts."""
     if not part.is_moe:
-        return MLP(cfg, part.ffn, tp_size)
+        return MLP(cfg, part.ffn, tp_size, bias=cfg.ffn_bias)
     moe = cfg.moe
     shared = MLP(cfg, part.shared, tp_size, ffn_dim=moe.shared_ff) if part.shared is not None else None
     return MoE(moe, cfg.d_model, part.experts, part.shared, shared, tp_size, cfg.ffn_act)
@@ -234,6 +248,8 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.tie_weights(self.model.embed_tokens)
         else:
             self.lm_head.load_gguf(f, "output.weight")
+        if f.has("output.bias"):
+            self.lm_head.load_bias(f, "output.bias")
 
     def setup_cache(self, max_seq_len: int, dtype: torch.dtype | str = torch.float16) -> None:
         """Preallocate every layer's K/V cache (this rank's KV heads only)."""
@@ -249,3 +265,9 @@ class LlamaForCausalLM(nn.Module):
         h = self.model(tokens, start_pos, last_only)              # (T, d)
         return self.lm_head(h)
 
+
+
+class OlmoeForCausalLM(LlamaForCausalLM):
+    """olmoe (OLMoE-1B-7B): llama's block with RoPE NEOX, q and k each RMS-normalised over
+    all heads at once (``ShardedRMSNorm``: the ranks' sums of squares all-reduced), and a
+    MoE FFN: softmax router, top-k weights not renormalised, no shared expert."""
