@@ -384,3 +384,19 @@ def test_expert_balance_report(tmp_path):
     expert_balance.set_counting(model, False)
     model(torch.tensor([1]), 20)
     assert all(int(m.expert_counts.sum()) == 0 for m in expert_balance.moe_layers(model))
+
+
+@pytest.mark.mpi
+def test_olmoe_tp_matches_single_rank(tmp_path):
+    """olmoe's q/k norm over all heads under tp = 2: the sum of squares is all-reduced, so
+    each rank normalises its head with the whole vector's RMS (llama.cpp's own fixture)."""
+    import os
+
+    fixture = os.path.join(os.path.dirname(__file__), "data", "arch_fixtures", "olmoe.gguf")
+    if not os.path.exists(fixture):
+        pytest.skip("tests/data/arch_fixtures/olmoe.gguf not present")
+    prompt = [[3, 17, 99, 5, 64, 127, 0, 42]]
+    one = _run([(fixture, tmp_path / "o1.npz")], 1, prompts=prompt)[0]
+    two = _run([(fixture, tmp_path / "o2.npz")], 2, prompts=prompt)[0]
+    for key in ("logits", "step_logits", "greedy"):
+        assert np.array_equal(one[key], two[key]), key
