@@ -30,6 +30,13 @@ def _bad_models(d: Path) -> dict[str, tuple[Path, tuple[str, ...]]]:
     ms.base.tensors = {"blk.0.ffn_up_exps.weight": np.zeros((8, 64, 128), dtype=np.float32)}
     out["wrong_expert_shape"] = (write_moe_model(d / "shape.gguf", ms),
                                  ("blk.0.ffn_up_exps.weight", "[8, 64, 128]", "[8, 96, 128]"))
+    ms = moe_spec("qwen3moe")
+    ms.base.tensors = {"blk.0.ffn_down_exps.scale": np.ones(1, dtype=np.float32)}
+    out["expert_scale"] = (write_moe_model(d / "scale.gguf", ms), ("blk.0.ffn_down_exps.scale", "not supported"))
+    ms = moe_spec("qwen3moe")
+    ms.base.tensors = {"blk.0.ffn_router_bias.weight": np.ones(8, dtype=np.float32)}
+    out["unknown_tensor"] = (write_moe_model(d / "unknown.gguf", ms), ("blk.0.ffn_router_bias.weight",
+                                                                       "not part of a 'qwen3moe' model"))
     ms = moe_spec("qwen2moe", meta={"expert_count": 0})
     out["no_experts"] = (write_moe_model(d / "zero.gguf", ms), ("qwen2moe.expert_count",))
     return out
@@ -40,7 +47,8 @@ def bad(tmp_path_factory):
     return _bad_models(tmp_path_factory.mktemp("moe_bad"))
 
 
-@pytest.mark.parametrize("name", ["k_above_experts", "missing_router", "wrong_expert_shape", "no_experts"])
+@pytest.mark.parametrize("name", ["k_above_experts", "missing_router", "wrong_expert_shape", "no_experts",
+                                  "expert_scale", "unknown_tensor"])
 def test_bad_moe_file_one_line(cli_env, bad, name):
     path, needles = bad[name]
     assert_one_line_error(generate(cli_env, "-m", str(path), "-p", "hi", "-n", "2"), str(path), *needles)

@@ -142,14 +142,23 @@ LAYOUTS = {
                     ignored=frozenset({"cls_out.weight", "cls.output.weight"})),
     # dense_2/3_out: sentence-transformer projections, used only for embeddings
     "gemma3": Layout(qk_norm=True, sandwich_norms=True, rope_freqs=False, full_rope=False,
-                     ignored=frozenset({"dense_2_out.weight", "dense_3_out.weight"})),
+                     ignored=frozenset({"dense_2_out.weight", "dense_3_out.weight", "dense_2.weight",
+                                        "dense_3.weight"})),
+    # mixture of experts (src/models/{qwen2moe,qwen3moe,olmoe}.cpp); llama with experts is "llama"
+    "qwen2moe": Layout(qk_norm=False, sandwich_norms=False, rope_freqs=False, full_rope=True),
+    "qwen3moe": Layout(qk_norm=True, sandwich_norms=False, rope_freqs=False, full_rope=True),
+    "olmoe": Layout(qk_norm=True, sandwich_norms=False, rope_freqs=False, full_rope=True),
 }
+# per-tensor activation scales (NVFP4 exports) llama.cpp loads but does not need for these types
+_IGNORED_SUFFIXES = (".input_scale",)
 
 # Optional tensors llama.cpp applies when present but tp_numa does not implement, per
 # architecture ("*" = every one of the four): a file with one is refused by name.
 _LLAMA_CPP_OPTIONAL = {
     "*": ("attn_qkv.weight", "attn_qkv.bias", "attn_q.scale", "attn_k.scale", "attn_v.scale",
-          "attn_output.scale", "attn_qkv.scale", "ffn_gate.scale", "ffn_up.scale", "ffn_down.scale"),
+          "attn_output.scale", "attn_qkv.scale", "ffn_gate.scale", "ffn_up.scale", "ffn_down.scale",
+          "ffn_gate_exps.scale", "ffn_up_exps.scale", "ffn_down_exps.scale", "ffn_gate_up_exps.scale",
+          "ffn_gate_shexp.scale", "ffn_up_shexp.scale", "ffn_down_shexp.scale", "ffn_gate_inp.scale"),
 }
 # Optional biases llama.cpp applies per architecture, which tp_numa applies too; in any other
 # architecture they are refused (llama.cpp does not load them there either).
@@ -194,8 +203,29 @@ def _expected_shapes(cfg, dense: bool) -> dict[str, tuple[tuple[int, ...], str]]
         layer.update({"ffn_gate.bias": ((ff,), F), "ffn_up.bias": ((ff,), F), "ffn_down.bias": ((d,), E)})
     if "output.bias" in allowed:
         out["output.bias"] = ((V,), "vocabulary")
-    if not dense:
-        layer = {n: v for n, v in layer.items() if not n.startswith("ffn_")}
+    moe_layer = dict(layer)
+    if not dense and cfg.moe is not None:
+        # a MoE layer: router, experts [E, out, in] (gate/up separate or merged), shared expert
+        m = cfg.moe
+        n_e, fe, fs = m.n_expert, m.expert_ff, m.shared_ff
+        Ek, EF, SF = f"{a}.expert_count", f"{a}.expert_feed_forward_length", f"{a}.expert_shared_feed_forward_length"
+        moe_layer = {n: v for n, v in layer.items() if not n.startswith("ffn_")}
+        moe_layer.update({
+            "ffn_norm.weight": ((d,), E),
+            "ffn_gate_inp.weight": ((n_e, d), f"({Ek}, {E})"),
+            "ffn_gate_exps.weight": ((n_e, fe, d), f"({Ek}, {EF}, {E})"),
+            "ffn_up_exps.weight": ((n_e, fe, d), f"({Ek}, {EF}, {E})"),
+            "ffn_gate_up_exps.weight": ((n_e, 2 * fe, d), f"({Ek}, 2 x {EF}, {E})"),
+            "ffn_down_exps.weight": ((n_e, d, fe), f"({Ek}, {E}, {EF})"),
+        })
+        if fs:
+            moe_layer.update({"ffn_gate_shexp.weight": ((fs, d), f"({SF}, {E})"),
+                              "ffn_up_shexp.weight": ((fs, d), f"({SF}, {E})"),
+                              "ffn_down_shexp.weight": ((d, fs), f"({E}, {SF})")})
+            if m.shared_gate:
+                moe_layer["ffn_gate_inp_shexp.weight"] = ((d,), E)
+    elif not dense:
+        layer = moe_layer = {n: v for n, v in layer.items() if not n.startswith("ffn_")}
     if cfg.qkv_bias:
         layer.update({"attn_q.bias": ((q,), qs), "attn_k.bias": ((kv,), kvs), "attn_v.bias": ((kv,), kvs)})
     if cfg.qk_norm and getattr(cfg, "qk_norm_full", False):
@@ -205,8 +235,11 @@ def _expected_shapes(cfg, dense: bool) -> dict[str, tuple[tuple[int, ...], str]]
         layer.update({"attn_q_norm.weight": ((hd,), hdk), "attn_k_norm.weight": ((hd,), hdk)})
     if cfg.sandwich_norms:
         layer.update({"post_attention_norm.weight": ((d,), E), "post_ffw_norm.weight": ((d,), E)})
+    for part in (layer, moe_layer):
+        part.update({n: v for n, v in layer.items() if not n.startswith("ffn_") or n == "ffn_norm.weight"})
     for i in range(cfg.n_layers):
-        out.update({f"blk.{i}.{n}": v for n, v in layer.items()})
+        moe = cfg.moe is not None and cfg.moe.is_moe_layer(i)
+        out.update({f"blk.{i}.{n}": v for n, v in (moe_layer if moe else layer).items()})
     return out
 
 
@@ -216,7 +249,7 @@ def check_tensors(f, cfg) -> None:
     which names them when it reads them."""
     dense = not f.metadata(f"{cfg.arch}.expert_count", 0)
     expected = _expected_shapes(cfg, dense)
-    layout = LAYOUTS.get(cfg.arch) if dense else None
+    layout = LAYOUTS.get(cfg.arch)
     for name, info in f.tensors.items():
         exp = expected.get(name)
         if exp is not None:
@@ -227,7 +260,7 @@ def check_tensors(f, cfg) -> None:
                                        f"gives {list(exp[0])} = {exp[1]}")
             else:
                 continue
-        if layout is None or name in layout.ignored:
+        if layout is None or name in layout.ignored or name.endswith(_IGNORED_SUFFIXES):
             continue
         m = _BLK.fullmatch(name)
         if m and int(m.group(1)) >= cfg.n_layers:
