@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """tp-numa against llama.cpp on the same GGUF and thread count: interleaved, repeated.
 
-    .venv/bin/python scripts/compare_llamacpp.py -m qwen2.5-coder-0.5b \
-        --lcpp-python /path/to/venv-with-llama-cpp-python/bin/python -r 3
+    bash scripts/setup_reference.sh       # once: builds the llama.cpp reference
+    .venv/bin/python scripts/compare_llamacpp.py -m qwen2.5-coder-0.5b -r 3
 
 For every configuration (``t1``: 1 thread, ``t2``: 2 threads, ``tp2x1``: ``mpirun -np 2``
 with 1 thread per rank, compared with llama.cpp at 2 threads) it starts one tp-numa worker
@@ -12,9 +12,12 @@ drifts of a shared machine hit both alike. It prints mean t/s ± stddev of each 
 ratio tp-numa / llama.cpp, plus tp2x1 / t2 of tp-numa (the cost of communication).
 
 llama.cpp runs through llama-cpp-python (``Llama.eval``: prompt in batches of 512, then
-one token per eval, random token ids as llama-bench uses), or, with ``--llama-bench BIN``,
+one token per eval, random token ids as llama-bench uses), or, with ``--llama-bench [BIN]``,
 through a llama-bench binary (one llama-bench call per test, alternating with tp-numa per
 test rather than per repetition). Depths are filled once per worker and test (untimed).
+Both come from the reference build of scripts/setup_reference.sh by default (found by
+scripts/reference_paths.py); ``--lcpp-python PY`` (env LCPP_PYTHON) and ``--llama-bench
+BIN`` override it.
 
 Progress on stderr; the result table on stdout; ``--json FILE`` keeps every sample.
 """
@@ -29,6 +32,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+import reference_paths
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -218,9 +223,11 @@ def main() -> int:
     ap.add_argument("-r", "--repetitions", type=int, default=3)
     ap.add_argument("--tests", default="pp512,tg128,tg128@d4096", help="comma list of ppN / tgN [@dD]")
     ap.add_argument("--configs", default="t1,t2,tp2x1", help=f"comma list of {', '.join(CONFIGS)}")
-    ap.add_argument("--lcpp-python", default=os.environ.get("LCPP_PYTHON", sys.executable),
-                    help="python that can import llama_cpp (env LCPP_PYTHON)")
-    ap.add_argument("--llama-bench", default=None, metavar="BIN", help="use this llama-bench binary instead")
+    ap.add_argument("--lcpp-python", default=os.environ.get("LCPP_PYTHON"),
+                    help="python that can import llama_cpp (env LCPP_PYTHON; default: the venv of "
+                         "scripts/setup_reference.sh)")
+    ap.add_argument("--llama-bench", nargs="?", const="reference", default=None, metavar="BIN",
+                    help="time llama.cpp with a llama-bench binary instead (no BIN: the reference build's)")
     ap.add_argument("--mpirun", default=None, help="mpirun for tp2x1 (default: next to python, or on PATH)")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--json", default=None, metavar="FILE", help="write every sample here")
@@ -235,6 +242,13 @@ def main() -> int:
     if args.worker == "tpnuma":
         worker_tpnuma(args)
         return 0
+
+    # the reference build (scripts/setup_reference.sh) unless overridden; fail before any model load
+    if args.llama_bench == "reference":
+        args.llama_bench = reference_paths.binary("llama-bench")
+    elif args.llama_bench is None and args.lcpp_python is None:
+        args.lcpp_python = reference_paths.python()
+    log("llama.cpp: " + (args.llama_bench or args.lcpp_python))
 
     sys.path.insert(0, REPO)
     from tp_numa import model_registry

@@ -12,14 +12,22 @@ GGUF models and writes, per model, into tests/data (formats: tests/data/README.m
                                  top-64 token ids with log-probabilities normalised over
                                  the full vocabulary (log_softmax of llama.cpp's logits)
 
-Usage (one or more models, short name from the file name unless given as SHORT=PATH):
-    python scripts/make_golden.py qwen2.5-coder-0.5b=/path/q.gguf gemma3-270m=/path/g.gguf
+Usage (one or more models: a tp-numa short name, or PATH, or SHORT=PATH; the short name
+comes from the file name unless given):
+    bash scripts/setup_reference.sh        # once: the llama.cpp reference build
+    .venv/bin/python scripts/make_golden.py qwen2.5-coder-0.5b gemma3-270m
+    .venv/bin/python scripts/make_golden.py qwen2.5-coder-0.5b=/path/q.gguf
+
+Run by an interpreter without llama_cpp (such as the project's .venv), it resolves short
+names there and runs itself again under the reference venv's python (found by
+scripts/reference_paths.py), or under ``--lcpp-python PY`` (env LCPP_PYTHON).
 """
 from __future__ import annotations
 
 import argparse
 import ctypes
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -27,6 +35,11 @@ import sys
 import time
 
 import numpy as np
+
+import reference_paths
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHILD_ENV = "TP_NUMA_MAKE_GOLDEN_CHILD"  # set when this script runs itself under the reference python
 
 N_THREADS = 2
 SEED = 1234
@@ -375,20 +388,58 @@ def sha256_head(path: str, n: int = 1 << 20) -> str:
         return hashlib.sha256(f.read(n)).hexdigest()
 
 
+def resolve_spec(spec: str) -> str:
+    """'qwen2.5-coder-0.5b' (a tp-numa short name, not a file) -> 'qwen2.5-coder-0.5b=PATH'
+    through tp_numa.model_registry (installs/joins the model on first use); anything else
+    is returned unchanged."""
+    if "=" in spec or os.path.isfile(spec):
+        return spec
+    sys.path.insert(0, REPO)
+    try:
+        from tp_numa import model_registry
+    except ImportError:
+        return spec
+    finally:
+        sys.path.remove(REPO)
+    if not model_registry.is_short_name(spec):
+        return spec
+    return f"{spec}={model_registry.resolve(spec)}"
+
+
+def reexec_under_reference(args, specs: list[str]) -> int:
+    """Run this script again, with the resolved model specs, under the python that has
+    llama_cpp (--lcpp-python, else the reference venv of scripts/setup_reference.sh)."""
+    py = args.lcpp_python or reference_paths.python()
+    argv = [py, os.path.abspath(__file__), *specs, "--out", args.out]
+    argv += ["--chat-only"] if args.chat_only else []
+    argv += ["--self-check"] if args.self_check else []
+    print(f"make_golden: running under {py}", file=sys.stderr, flush=True)
+    import subprocess
+
+    return subprocess.call(argv, env=dict(os.environ, **{CHILD_ENV: "1"}))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("models", nargs="+", help="[SHORT=]PATH.gguf")
+    ap.add_argument("models", nargs="+", help="SHORT_NAME, PATH.gguf or SHORT=PATH.gguf")
     ap.add_argument("--chat-only", action="store_true",
                     help="only recompute the chat-template entries of existing files (fast)")
     ap.add_argument("--self-check", action="store_true",
                     help="print llama.cpp's own token-by-token vs batch agreement on the stored data")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "data"))
+    ap.add_argument("--lcpp-python", default=os.environ.get("LCPP_PYTHON"),
+                    help="python with llama_cpp to run under (env LCPP_PYTHON; default: this one if it "
+                         "has llama_cpp, else the venv of scripts/setup_reference.sh)")
     args = ap.parse_args(argv)
+    args.models = [resolve_spec(s) for s in args.models]
+    for spec in args.models:
+        if not os.path.isfile(spec.rpartition("=")[2]):
+            print(f"make_golden: {spec.rpartition('=')[2]}: no such file", file=sys.stderr)
+            return 2
+    if not os.environ.get(CHILD_ENV) and (args.lcpp_python or importlib.util.find_spec("llama_cpp") is None):
+        return reexec_under_reference(args, args.models)
     for spec in args.models:
         short, _, path = spec.rpartition("=")
-        if not os.path.isfile(path):
-            print(f"make_golden: {path}: no such file", file=sys.stderr)
-            return 2
         fn = update_chat if args.chat_only else self_check if args.self_check else make_one
         fn(short or short_name_of(path), path, os.path.normpath(args.out))
     return 0
