@@ -35,7 +35,7 @@ reference venv):
     bash scripts/setup_reference.sh
     .venv/bin/python scripts/make_arch_fixtures.py                 # all fixtures
     .venv/bin/python scripts/make_arch_fixtures.py qwen3 olmoe     # some
-    .venv/bin/python scripts/make_arch_fixtures.py --out /tmp/fx --drop attn_output.bias llama
+    .venv/bin/python scripts/make_arch_fixtures.py --out SCRATCH_DIR --drop attn_output.bias llama
                                                   # diagnosis: which tensor makes a difference
 
 Adding an architecture: one line in FIXTURES (name, llama.cpp arch, dense or MoE file);
