@@ -37,6 +37,8 @@ def _bad_models(d: Path) -> dict[str, tuple[Path, tuple[str, ...]]]:
     ms.base.tensors = {"blk.0.ffn_router_bias.weight": np.ones(8, dtype=np.float32)}
     out["unknown_tensor"] = (write_moe_model(d / "unknown.gguf", ms), ("blk.0.ffn_router_bias.weight",
                                                                        "not part of a 'qwen3moe' model"))
+    ms = moe_spec("llama", meta={"feed_forward_length": 64})     # Mixtral: experts sized by n_ff
+    out["mixtral_width"] = (write_moe_model(d / "width.gguf", ms), ("'llama.feed_forward_length' = 64", "96"))
     ms = moe_spec("qwen2moe", meta={"expert_count": 0})
     out["no_experts"] = (write_moe_model(d / "zero.gguf", ms), ("qwen2moe.expert_count",))
     return out
@@ -48,7 +50,7 @@ def bad(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["k_above_experts", "missing_router", "wrong_expert_shape", "no_experts",
-                                  "expert_scale", "unknown_tensor"])
+                                  "expert_scale", "unknown_tensor", "mixtral_width"])
 def test_bad_moe_file_one_line(cli_env, bad, name):
     path, needles = bad[name]
     assert_one_line_error(generate(cli_env, "-m", str(path), "-p", "hi", "-n", "2"), str(path), *needles)

@@ -88,11 +88,13 @@ class MoEConfig:
             raise bad(f"tensor '{down.name}' has shape {list(down.shape)}, expected [{n_expert} experts, d_model, "
                       f"n_ff_exp]")
         expert_ff = down.shape[2]
-        key_ff = opt("expert_feed_forward_length")
-        # llama (Mixtral) and olmoe size experts by feed_forward_length; 0 = not set
-        if key_ff not in (None, 0) and arch not in ("llama", "olmoe") and int(key_ff) != expert_ff:
-            raise bad(f"metadata '{arch}.expert_feed_forward_length' = {key_ff} but tensor '{down.name}' has "
-                      f"{expert_ff} expert features")
+        # llama (Mixtral) and olmoe size their experts by feed_forward_length (llama.cpp's n_ff),
+        # the others by expert_feed_forward_length (0 or absent: not set)
+        ff_key = "feed_forward_length" if arch in ("llama", "olmoe") else "expert_feed_forward_length"
+        key_ff = opt(ff_key)
+        if key_ff not in (None, 0) and int(key_ff) != expert_ff:
+            raise bad(f"metadata '{arch}.{ff_key}' = {key_ff} but tensor '{down.name}' has {expert_ff} expert "
+                      f"features")
         norm, gated_shared = _ARCH_RULES[arch]
         shared_ff = 0
         if f.has(first + "ffn_down_shexp.weight"):
