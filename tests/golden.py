@@ -14,6 +14,9 @@ import numpy as np
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 SHORT_NAMES = ("qwen2.5-coder-0.5b", "gemma3-270m")
+# MoE models derived from qwen2.5-coder-0.5b (scripts/make_moe_from_dense.py; golden data by
+# scripts/make_moe_golden.py, without the tokenizer entries)
+DERIVED_NAMES = ("qwen2moe-from-qwen2.5-coder-0.5b", "mixtral-from-qwen2.5-coder-0.5b")
 
 
 def load_golden(short_name: str) -> dict:
@@ -26,8 +29,9 @@ def load_golden(short_name: str) -> dict:
     """
     path = os.path.join(DATA_DIR, f"golden_{short_name}.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no golden data for '{short_name}' (known: {', '.join(SHORT_NAMES)}); "
-                                f"make it with scripts/make_golden.py")
+        known = ", ".join(SHORT_NAMES + DERIVED_NAMES)
+        raise FileNotFoundError(f"{path}: no golden data for '{short_name}' (known: {known}); make it with "
+                                f"scripts/make_golden.py (the derived MoE models: scripts/make_moe_golden.py)")
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
     npz = os.path.join(DATA_DIR, f"golden_{short_name}_logprobs.npz")
