@@ -107,3 +107,21 @@ def greedy_verdict(got: list[int], want: list[int], margins: list[float],
         first = n
     margin = margins[first] if first < len(margins) else float("inf")
     return ("near-tie" if margin < near_tie else "different"), first
+
+
+def greedy_report(g: dict, run, n_tokens: int) -> tuple[int, list]:
+    """(prompts matching llama.cpp, [(prompt head, verdict, step)]) over the golden greedy
+    cases: ``run(prompt_ids, n)`` gives our n greedy ids; llama.cpp's list is cut at its
+    first end-of-generation id (it does not stop there) and at ``n_tokens``."""
+    eog = set(g["eog_ids"])
+    good, report = 0, []
+    for case in g["greedy"]:
+        want = case["ids"][:n_tokens]
+        for i, t in enumerate(want):
+            if t in eog:
+                want = want[: i + 1]
+                break
+        verdict, step = greedy_verdict(run(case["prompt_ids"], len(want)), want, case["top2_margin"])
+        good += verdict != "different"
+        report.append((case["prompt"][:30], verdict, step))
+    return good, report

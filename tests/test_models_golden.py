@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from golden import greedy_verdict, kl_and_top1, load_golden
+from golden import greedy_report, kl_and_top1, load_golden
 from tp_numa.models import load_model
 
 FIXTURE = {"qwen2.5-coder-0.5b": "qwen_path", "gemma3-270m": "gemma_path"}
@@ -75,20 +75,7 @@ def test_teacher_forced_matches_llama_cpp(loaded):
 @pytest.mark.slow
 def test_greedy_matches_llama_cpp(loaded):
     name, model, cfg, g = loaded
-    eog = set(g["eog_ids"])
-    good = 0
-    report = []
-    for case in g["greedy"]:
-        want = case["ids"][:GREEDY_TOKENS]
-        # llama.cpp's list does not stop at end-of-generation; compare up to the first one
-        for i, t in enumerate(want):
-            if t in eog:
-                want = want[: i + 1]
-                break
-        got = _greedy(model, case["prompt_ids"], len(want))
-        verdict, step = greedy_verdict(got, want, case["top2_margin"])
-        good += verdict != "different"
-        report.append((case["prompt"][:30], verdict, step))
+    good, report = greedy_report(g, lambda ids, n: _greedy(model, ids, n), GREEDY_TOKENS)
     print(name, report)
     assert len(g["greedy"]) == 8
     assert good >= 7, f"{name}: {good}/8 prompts match llama.cpp's first {GREEDY_TOKENS} greedy tokens: {report}"

@@ -39,7 +39,7 @@ import pytest
 import torch
 
 import tp_e2e_helpers as H
-from golden import DERIVED_NAMES, greedy_verdict, kl_and_top1, load_golden
+from golden import DERIVED_NAMES, greedy_report, kl_and_top1, load_golden
 from tp_numa.models import load_model
 
 pytestmark = pytest.mark.slow
@@ -146,18 +146,7 @@ def test_teacher_forced_matches_llama_cpp(loaded):
 
 def test_greedy_matches_llama_cpp(loaded):
     short, model, g = loaded
-    eog = set(g["eog_ids"])
-    good, report = 0, []
-    for case in g["greedy"]:
-        want = case["ids"][:GREEDY_TOKENS]
-        for i, t in enumerate(want):        # llama.cpp's list does not stop at end-of-generation
-            if t in eog:
-                want = want[: i + 1]
-                break
-        got = _greedy(model, case["prompt_ids"], len(want))
-        verdict, step = greedy_verdict(got, want, case["top2_margin"])
-        good += verdict != "different"
-        report.append((case["prompt"][:30], verdict, step))
+    good, report = greedy_report(g, lambda ids, n: _greedy(model, ids, n), GREEDY_TOKENS)
     print(short, report)
     assert len(g["greedy"]) == 8
     assert good >= 7, f"{short}: {good}/8 prompts match llama.cpp's first {GREEDY_TOKENS} greedy tokens: {report}"

@@ -72,14 +72,7 @@ struct ExpertMat {
     }
 };
 
-template <class Out, class F, class E>
-auto pick(F fast, E exact) {
-    if constexpr (std::is_same_v<Out, double>) {
-        return exact;
-    } else {
-        return fast;
-    }
-}
+using quant::pick;
 
 // y[0, r1 - r0) = rows [r0, r1) of expert e's slice (K inputs) dotted with act (the form
 // act_kind gives). x4 row bounds are multiples of 4.

@@ -9,6 +9,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "quant/blocks.h"
 #include "quant/packed_x4.h"
@@ -130,6 +131,16 @@ inline void prepare_row(const Kernels& k, ActKind kind, const float* x, int64_t 
         case ActKind::kQ8AX4: return k.quantize_q8ax4(x, K, out);
         case ActKind::kQ8KX4: return k.quantize_q8kx4(x, K, out);
         case ActKind::kQ8KX4L: return k.quantize_q8kx4l(x, K, out);
+    }
+}
+
+// The Fast (Out = float) or the Exact (Out = double) member of a kernel pair.
+template <class Out, class F, class E>
+auto pick(F fast, E exact) {
+    if constexpr (std::is_same_v<Out, double>) {
+        return exact;
+    } else {
+        return fast;
     }
 }
 

@@ -117,15 +117,7 @@ void check_inputs(const at::Tensor& x, const at::Tensor& w, int64_t qtype, const
                 " (w must be N x row_bytes = [", w.size(0), ", ", row_bytes, "])");
 }
 
-// The Fast (Out = float) or the Exact (Out = double) member of a kernel pair.
-template <class Out, class F, class E>
-auto pick(F fast, E exact) {
-    if constexpr (std::is_same_v<Out, double>) {
-        return exact;
-    } else {
-        return fast;
-    }
-}
+using quant::pick;
 
 // The output y [M, n]: float32 (Fast) or float64 (Exact); finish() gives it x's dtype.
 template <class Out>
