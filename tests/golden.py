@@ -109,10 +109,24 @@ def greedy_verdict(got: list[int], want: list[int], margins: list[float],
     return ("near-tie" if margin < near_tie else "different"), first
 
 
-def greedy_report(g: dict, run, n_tokens: int) -> tuple[int, list]:
+def greedy_ids(model, prompt: list[int], n: int) -> list[int]:
+    """n greedy ids of a tp_numa model after prompt (f16 KV cache, as the golden runs)."""
+    import torch
+
+    model.setup_cache(len(prompt) + n + 1, torch.float16)
+    logits = model(torch.tensor(prompt), 0, last_only=True)
+    out = []
+    for i in range(n):
+        nxt = int(logits[-1].argmax())
+        out.append(nxt)
+        logits = model(torch.tensor([nxt]), len(prompt) + i)
+    return out
+
+
+def greedy_report(g: dict, model, n_tokens: int) -> tuple[int, list]:
     """(prompts matching llama.cpp, [(prompt head, verdict, step)]) over the golden greedy
-    cases: ``run(prompt_ids, n)`` gives our n greedy ids; llama.cpp's list is cut at its
-    first end-of-generation id (it does not stop there) and at ``n_tokens``."""
+    cases, our ids from ``greedy_ids(model, ...)``; llama.cpp's list is cut at its first
+    end-of-generation id (it does not stop there) and at ``n_tokens``."""
     eog = set(g["eog_ids"])
     good, report = 0, []
     for case in g["greedy"]:
@@ -121,7 +135,7 @@ def greedy_report(g: dict, run, n_tokens: int) -> tuple[int, list]:
             if t in eog:
                 want = want[: i + 1]
                 break
-        verdict, step = greedy_verdict(run(case["prompt_ids"], len(want)), want, case["top2_margin"])
+        verdict, step = greedy_verdict(greedy_ids(model, case["prompt_ids"], len(want)), want, case["top2_margin"])
         good += verdict != "different"
         report.append((case["prompt"][:30], verdict, step))
     return good, report

@@ -42,17 +42,6 @@ def loaded(request):
     return name, model, cfg, load_golden(name)
 
 
-def _greedy(model, prompt: list[int], n: int) -> list[int]:
-    model.setup_cache(len(prompt) + n + 1, torch.float16)
-    logits = model(torch.tensor(prompt), 0, last_only=True)
-    out = []
-    for i in range(n):
-        nxt = int(logits[-1].argmax())
-        out.append(nxt)
-        logits = model(torch.tensor([nxt]), len(prompt) + i)
-    return out
-
-
 @pytest.mark.slow
 def test_teacher_forced_matches_llama_cpp(loaded):
     name, model, cfg, g = loaded
@@ -75,7 +64,7 @@ def test_teacher_forced_matches_llama_cpp(loaded):
 @pytest.mark.slow
 def test_greedy_matches_llama_cpp(loaded):
     name, model, cfg, g = loaded
-    good, report = greedy_report(g, lambda ids, n: _greedy(model, ids, n), GREEDY_TOKENS)
+    good, report = greedy_report(g, model, GREEDY_TOKENS)
     print(name, report)
     assert len(g["greedy"]) == 8
     assert good >= 7, f"{name}: {good}/8 prompts match llama.cpp's first {GREEDY_TOKENS} greedy tokens: {report}"

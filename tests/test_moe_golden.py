@@ -111,17 +111,6 @@ def loaded(request, derived):
     return short, model, load_golden(short)
 
 
-def _greedy(model, prompt: list[int], n: int) -> list[int]:
-    model.setup_cache(len(prompt) + n + 1, torch.float16)
-    logits = model(torch.tensor(prompt), 0, last_only=True)
-    out = []
-    for i in range(n):
-        nxt = int(logits[-1].argmax())
-        out.append(nxt)
-        logits = model(torch.tensor([nxt]), len(prompt) + i)
-    return out
-
-
 def test_teacher_forced_matches_llama_cpp(loaded):
     short, model, g = loaded
     lp = g["logprobs"]
@@ -146,7 +135,7 @@ def test_teacher_forced_matches_llama_cpp(loaded):
 
 def test_greedy_matches_llama_cpp(loaded):
     short, model, g = loaded
-    good, report = greedy_report(g, lambda ids, n: _greedy(model, ids, n), GREEDY_TOKENS)
+    good, report = greedy_report(g, model, GREEDY_TOKENS)
     print(short, report)
     assert len(g["greedy"]) == 8
     assert good >= 7, f"{short}: {good}/8 prompts match llama.cpp's first {GREEDY_TOKENS} greedy tokens: {report}"
