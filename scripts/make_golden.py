@@ -300,17 +300,17 @@ def greedy_entries(ref: Reference, short: str) -> list[dict]:
     return greedy
 
 
-def teacher_forced(ref: Reference) -> dict:
-    """TEACHER_TEXT's ids and, per position, the TOPK most probable next tokens with
+def teacher_forced(ref: Reference, text: str = TEACHER_TEXT) -> dict:
+    """``text``'s ids and, per position, the TOPK most probable next tokens with
     log-probabilities over the full vocabulary."""
-    ids = ref.tokenize(TEACHER_TEXT, add_special=True, parse_special=True)
+    ids = ref.tokenize(text, add_special=True, parse_special=True)
     lp = log_softmax(ref.logits_of(ids))
     top = np.argpartition(-lp, TOPK, axis=-1)[:, :TOPK]
     order = np.argsort(-np.take_along_axis(lp, top, axis=-1), axis=-1, kind="stable")
     top = np.take_along_axis(top, order, axis=-1)
     return {"ids": np.asarray(ids, dtype=np.int32), "topk_ids": top.astype(np.int32),
             "topk_logprobs": np.take_along_axis(lp, top, axis=-1).astype(np.float32),
-            "text": np.array(TEACHER_TEXT)}
+            "text": np.array(text)}
 
 
 def make_one(short: str, path: str, out_dir: str) -> None:

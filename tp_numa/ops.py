@@ -157,6 +157,30 @@ def set_kernel_isa(isa: str) -> None:
     torch.ops.tp_numa.set_kernel_isa(str(isa))
 
 
+KERNEL_ISAS: tuple[str, ...] = ("scalar", "avx2", "avx512", "avx512vnni")
+
+
+def available_kernel_isas() -> list[str]:
+    """The kernel variants of ``KERNEL_ISAS`` that this CPU and build can run.
+
+    Asks ``set_kernel_isa`` for each (the dispatcher's own test) and then restores the
+    variant in use, so it briefly switches the process-wide choice: call it at setup, not
+    beside running matmuls.
+    """
+    current = kernel_isa()
+    found = []
+    try:
+        for isa in KERNEL_ISAS:
+            try:
+                set_kernel_isa(isa)
+            except RuntimeError:
+                continue
+            found.append(isa)
+    finally:
+        set_kernel_isa(current)
+    return found
+
+
 def read_bandwidth_probe(buf: torch.Tensor, repeats: int, streams: int = 8, prefetch_bytes: int = 0) -> float:
     """Seconds taken to read every byte of buf `repeats` times (threads: torch.set_num_threads).
 

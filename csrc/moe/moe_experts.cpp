@@ -6,10 +6,17 @@
 //   2. gate and up rows of all k experts: one parallel pass over row chunks (chunk_rows);
 //   3. h_j = act(gate_j) * up_j, prepared for down's type, one expert per task;
 //   4. down rows of all k experts (Exact, float64): one parallel pass over row chunks;
-//   5. y = sum_j w_j down_j in float64, in the order of the top-k list.
+//   5. y = sum_j w_j down_j in float64, experts in ascending id order.
 // Prefill (T > 1): the (token, expert) pairs grouped by expert; per expert one GEMM with
 // its tokens' rows for gate, up and down (the quant_matmul drivers, tiled, threaded), and
 // y[t] += w * row, experts in ascending id order.
+//
+// Batch invariance: a token's y is bitwise the same alone (decode) and among any other
+// tokens (prefill). Each row of gate / up / down is the same kernel arithmetic in the GEMV
+// and in the GEMM (quant kernels are batch invariant, docs/kernels.md), act(gate) * up is
+// one row function, and both paths add the weighted down rows into a zeroed float64 row
+// in the same order: ascending expert id (the top-k order cannot be kept by prefill's
+// per-expert GEMMs without buffering every (token, expert) row).
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
@@ -205,9 +212,12 @@ at::Tensor experts_decode(const at::Tensor& x, const int64_t* ids, const float* 
         }
     });
 
-    // 5. weighted sum in the order of the top-k list
+    // 5. weighted sum, experts in ascending id order (experts_prefill's order)
+    std::vector<int> order(nj);
+    for (int j = 0; j < nj; ++j) order[j] = j;
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return es[a] < es[b]; });  // repeats: top-k order, as prefill
     double* yp = y.data_ptr<double>();
-    for (int j = 0; j < nj; ++j) {
+    for (const int j : order) {
         const double w = ws[j];
         const double* dj = dn.data() + j * d;
         for (int64_t c = 0; c < d; ++c) yp[c] += w * dj[c];
