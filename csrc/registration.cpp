@@ -61,14 +61,15 @@ TORCH_LIBRARY(tp_numa, m) {
           "int[] layouts, bool gelu) -> Tensor");
 
     // ---- native decode step over a rank's decoder layers (csrc/decode) ----
-    // torch.classes.tp_numa.DecodePlan: built once from the loaded modules, one call per token
+    // torch.classes.tp_numa.DecodePlan: built once from the loaded modules, one call per decode step (M sequences)
     m.class_<tp_numa::DecodePlan>("DecodePlan")
         .def(torch::init<int64_t, double, int64_t>())
         .def("add_layer", &tp_numa::DecodePlan::add_layer)
         .def("set_linear", &tp_numa::DecodePlan::set_linear)
         .def("set_moe", &tp_numa::DecodePlan::set_moe)
         .def("forward", &tp_numa::DecodePlan::forward)
-        .def("n_layers", &tp_numa::DecodePlan::n_layers);
+        .def("n_layers", &tp_numa::DecodePlan::n_layers)
+        .def("n_seqs", &tp_numa::DecodePlan::n_seqs);
 }
 
 TORCH_LIBRARY_IMPL(tp_numa, CPU, m) {

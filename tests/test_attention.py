@@ -108,7 +108,7 @@ def test_q8_0_cache_rounds_keys_once(native):
     for chunks in ([N], [1] * N, [4, 1, 8]):
         attn = Attention(H, n_kv, D, 0.125, 6, layer_idx=1, use_native=native)
         attn.setup_cache(16, "q8_0")
-        assert attn.k_cache.dtype == torch.uint8 and attn.k_cache.shape == (6, n_kv, D // 32 * 34)
+        assert attn.k_cache.dtype == torch.uint8 and attn.k_cache.shape == (1, 6, n_kv, D // 32 * 34)
         got = run_chunks(attn, q, k, v, chunks)
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2e-5)
 
@@ -122,10 +122,10 @@ def test_q8_0_cache_needs_whole_blocks():
 def test_ring_buffer_holds_only_window():
     attn = Attention(4, 2, 8, 1.0, 4, layer_idx=0, use_native=False)
     attn.setup_cache(100, "f16")
-    assert attn.k_cache.shape == (4, 2, 8) and attn.k_cache.dtype == torch.float16
+    assert attn.k_cache.shape == (1, 4, 2, 8) and attn.k_cache.dtype == torch.float16
     full = Attention(4, 2, 8, 1.0, None, layer_idx=1, use_native=False)
     full.setup_cache(100, "bf16")
-    assert full.v_cache.shape == (100, 2, 8) and full.v_cache.dtype == torch.bfloat16
+    assert full.v_cache.shape == (1, 100, 2, 8) and full.v_cache.dtype == torch.bfloat16
 
 
 def test_reference_matches_naive_with_offsets():

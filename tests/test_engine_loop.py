@@ -29,7 +29,7 @@ def llm(tiny_path):
 def recompute_greedy(llm, ids: list[int], n: int) -> list[int]:
     seq, out = list(ids), []
     for _ in range(n):
-        logits = llm.model(torch.tensor(seq), start_pos=0)   # the full sequence each time
+        logits = llm.model(torch.tensor(seq), 0)   # the full sequence each time
         nxt = int(logits[-1].argmax())
         if llm.tokenizer.is_eog(nxt):
             break

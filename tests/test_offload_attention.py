@@ -85,7 +85,7 @@ def test_keeps_the_layer_config_and_is_an_attention():
     assert (dev.n_heads, dev.n_kv_heads, dev.head_dim, dev.scale, dev.sliding_window, dev.layer_idx) == \
         (8, 2, 64, 0.125, 512, 7)
     dev.setup_cache(100, "bf16", device="cpu")
-    assert dev.k_cache.shape == (100, 2, 64) and dev.k_cache.dtype == torch.bfloat16
+    assert dev.k_cache.shape == (1, 100, 2, 64) and dev.k_cache.dtype == torch.bfloat16
     assert "device=cpu" in repr(dev)
 
 

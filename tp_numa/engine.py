@@ -29,6 +29,7 @@ from . import model_registry
 from .distributed import communicator, parallel_state
 from .errors import TpNumaError
 from .memory import huge_page_bytes, thp_mode
+from .layers.batch import SeqBatch
 from .sampling import Sampler, SamplingParams
 from .stop_strings import StopStringFilter
 
@@ -103,6 +104,7 @@ class LLM:
         offload: str | None = None,
         cache_type: str = "f16",
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        sequences: int = 1,
         quiet: bool = False,
         verbose: bool = False,
     ) -> "LLM":
@@ -115,6 +117,8 @@ class LLM:
         - ``cache_type``: KV cache element type, ``"f16"`` (default), ``"bf16"``, ``"f32"`` or
           ``"q8_0"`` (GGUF Q8_0 blocks, 8.5 bits per value, CPU attention only);
         - ``prefill_chunk``: prompt tokens per forward;
+        - ``sequences``: KV-cache sequences of ``max_context`` positions each (the slots of
+          ``tp-numa serve``; ``generate`` and ``stream`` use sequence 0);
         - ``quiet``: nothing on stderr; ``verbose``: details of the load on stderr.
 
         Under ``mpirun`` every rank calls this with the same arguments.
@@ -125,6 +129,8 @@ class LLM:
             raise TpNumaError(f"--ctx-size must be >= 1, got {max_context}")
         if prefill_chunk < 1:
             raise TpNumaError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        if sequences < 1:
+            raise TpNumaError(f"--parallel (KV sequences) must be >= 1, got {sequences}")
         state = parallel_state.init()
         talk = state.is_main and not quiet
         t0 = time.perf_counter()
@@ -147,7 +153,7 @@ class LLM:
             if verbose and talk:
                 layers = sum(1 for name in moved if not name.endswith(".attn"))
                 _log(f"offloaded {layers} whole layers and {len(moved) - layers} attention cores")
-        net.setup_cache(ctx, cache_type)
+        net.setup_cache(ctx, cache_type, n_seqs=sequences)
 
         tokenizer, err = None, ""
         if state.is_main:  # only rank 0 tokenizes; the others just agree it worked
@@ -300,7 +306,8 @@ class LLM:
         with torch.inference_mode():
             for start in range(0, len(ids), self.prefill_chunk):
                 chunk = torch.tensor(ids[start:start + self.prefill_chunk], dtype=torch.long)
-                logits = self._forward(chunk, start)
+                # a prompt chunk, even of one token: the prefill kernels (layers/batch.py)
+                logits = self._forward(chunk, SeqBatch.one(start, chunk.shape[0], prefill=True))
             stats.prompt_seconds = time.perf_counter() - t0
             pos = len(ids)
             while True:
@@ -342,8 +349,9 @@ class LLM:
             if not self.quiet:
                 _log(stats.summary())
 
-    def _forward(self, tokens: torch.Tensor, start_pos: int):
-        """One forward of ``tokens`` (T,) at ``start_pos``; rank 0 gets logits (T', vocab)."""
+    def _forward(self, tokens: torch.Tensor, start_pos):
+        """One forward of ``tokens`` (T,) at ``start_pos`` (int or SeqBatch); rank 0 gets
+        logits (T', vocab)."""
         if self._forward_has_last_only:
             return self.model.forward(tokens, start_pos, last_only=True)
         return self.model.forward(tokens, start_pos)

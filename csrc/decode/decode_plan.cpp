@@ -66,13 +66,16 @@ void DecodePlan::add_layer(std::vector<at::Tensor> norms, std::vector<at::Tensor
     // a Q8_0 cache (uint8) holds head_dim / 32 blocks of 34 bytes per row
     const int64_t row = k_cache.scalar_type() == at::kByte ? L.head_dim / 32 * 34 : L.head_dim;
     for (const at::Tensor* c : {&k_cache, &v_cache}) {
-        TORCH_CHECK(c->device().is_cpu() && c->is_contiguous() && c->dim() == 3 && c->size(0) > 0 &&
-                        c->size(1) == L.n_kv && c->size(2) == row,
-                    "DecodePlan: KV cache must be a contiguous CPU tensor [slots, ", L.n_kv, ", ", row, "], got ",
-                    c->sizes());
+        TORCH_CHECK(c->device().is_cpu() && c->is_contiguous() && c->dim() == 4 && c->size(0) > 0 && c->size(1) > 0 &&
+                        c->size(2) == L.n_kv && c->size(3) == row,
+                    "DecodePlan: KV cache must be a contiguous CPU tensor [n_seqs, slots, ", L.n_kv, ", ", row,
+                    "], got ", c->sizes());
     }
     TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == v_cache.scalar_type(),
                 "DecodePlan: K and V caches differ");
+    TORCH_CHECK(n_seqs_ == 0 || k_cache.size(0) == n_seqs_, "DecodePlan: layer ", layers_.size(), "'s KV cache holds ",
+                k_cache.size(0), " sequences, the layers before it ", n_seqs_);
+    n_seqs_ = k_cache.size(0);
     L.rope_index = rope_index;
     L.neox = neox;
     L.scale = scale;
@@ -202,28 +205,37 @@ at::Tensor DecodePlan::partial(const PlanLinear& lin, const at::Tensor& x) const
     return matmul(lin, x).to(at::kDouble);
 }
 
-at::Tensor DecodePlan::attention(const PlanLayer& L, const at::Tensor& xn, int64_t pos, const at::Tensor& cos,
+at::Tensor DecodePlan::attention(const PlanLayer& L, const at::Tensor& xn, const Rows& rows, const at::Tensor& cos,
                                  const at::Tensor& sin) const {
+    // SelfAttention.forward + Attention.forward on a SeqBatch of one-token spans
+    const int64_t M = xn.size(0);
     at::Tensor qkv;
     {
         RECORD_FUNCTION("native_decode::qkv_proj", std::vector<c10::IValue>());
-        qkv = column(L.qkv, xn);  // [1, (n_q + 2 n_kv) hd]
+        qkv = column(L.qkv, xn);  // [M, (n_q + 2 n_kv) hd]
     }
-    auto parts = qkv.view({1, -1, L.head_dim}).split_with_sizes({L.n_q, L.n_kv, L.n_kv}, 1);
-    at::Tensor q = parts[0], k = parts[1], v = parts[2];
+    auto parts = qkv.view({M, -1, L.head_dim}).split_with_sizes({L.n_q, L.n_kv, L.n_kv}, 1);
+    at::Tensor q = parts[0], k = parts[1], v = parts[2];  // [M, heads, hd] views of qkv
     if (L.q_norm.has_value()) {
-        q = rms_norm(q, *L.q_norm, eps_);
-        k = rms_norm(k, *L.k_norm, eps_);
+        // the per-head norm on contiguous rows (for M > 1 the views are strided by qkv's row)
+        q = rms_norm(q.contiguous(), *L.q_norm, eps_);
+        k = rms_norm(k.contiguous(), *L.k_norm, eps_);
     }
-    rope_(q, cos, sin, L.neox);
+    rope_(q, cos, sin, L.neox);  // row m rotated by cos/sin row m
     rope_(k, cos, sin, L.neox);
-    const int64_t slots = L.k_cache.size(0);
+    const int64_t slots = L.k_cache.size(1);
     at::Tensor out;
     {
         RECORD_FUNCTION("native_decode::attention", std::vector<c10::IValue>());
-        at::Tensor kc = L.k_cache, vc = L.v_cache;
-        out = attn_decode_update(q[0], k[0], v[0], kc, vc, pos % slots, std::min(pos + 1, slots), L.scale)
-                  .view({1, -1});
+        std::vector<at::Tensor> outs;
+        outs.reserve(M);
+        for (int64_t m = 0; m < M; ++m) {
+            const int64_t p = rows.pos[m];
+            at::Tensor kc = L.k_cache.select(0, rows.seq[m]), vc = L.v_cache.select(0, rows.seq[m]);  // [slots, n_kv, row]
+            outs.push_back(attn_decode_update(q[m], k[m], v[m], kc, vc, p % slots, std::min(p + 1, slots), L.scale)
+                               .view({1, -1}));
+        }
+        out = M == 1 ? outs[0] : at::cat(outs, 0);  // [M, n_q hd]
     }
     RECORD_FUNCTION("native_decode::o_proj", std::vector<c10::IValue>());
     return row(L.o_proj, out);
@@ -235,13 +247,13 @@ at::Tensor DecodePlan::moe_ffn(const PlanLayer& L, const at::Tensor& y) const {
     at::Tensor out;
     {
         RECORD_FUNCTION("native_decode::moe_experts", std::vector<c10::IValue>());
-        at::Tensor logits = column(M.router, y);  // [1, n_expert]
+        at::Tensor logits = column(M.router, y);  // [M, n_expert]
         auto [ids, w] = moe_route(logits, std::nullopt, M.k, M.gating, M.norm, M.scale, M.n_groups, M.groups_used);
         if (M.counts.has_value()) {
             at::Tensor flat = ids.reshape({-1});
             M.counts->index_add_(0, flat, at::ones_like(flat));
         }
-        out = moe_experts(y, ids, w, M.mats, M.offsets, M.ff, M.qtypes, M.layouts, L.gelu);  // [1, d] float64
+        out = moe_experts(y, ids, w, M.mats, M.offsets, M.ff, M.qtypes, M.layouts, L.gelu);  // [M, d] float64
     }
     if (M.has_shared) {
         RECORD_FUNCTION("native_decode::shared_expert", std::vector<c10::IValue>());
@@ -261,16 +273,16 @@ at::Tensor DecodePlan::mlp(const PlanLayer& L, const at::Tensor& y) const {
     at::Tensor gu;
     {
         RECORD_FUNCTION("native_decode::gate_up_proj", std::vector<c10::IValue>());
-        gu = column(L.gate_up, y);  // [1, 2 f] = [gate | up]
+        gu = column(L.gate_up, y);  // [M, 2 f] = [gate | up]
     }
     at::Tensor hidden = act_mul(gu, L.gelu);
     RECORD_FUNCTION("native_decode::down_proj", std::vector<c10::IValue>());
     return row(L.down, hidden);
 }
 
-at::Tensor DecodePlan::layer_forward(const PlanLayer& L, const at::Tensor& x, int64_t pos, const at::Tensor& cos,
+at::Tensor DecodePlan::layer_forward(const PlanLayer& L, const at::Tensor& x, const Rows& rows, const at::Tensor& cos,
                                      const at::Tensor& sin) const {
-    at::Tensor a = attention(L, rms_norm(x, L.attn_norm, eps_), pos, cos, sin);
+    at::Tensor a = attention(L, rms_norm(x, L.attn_norm, eps_), rows, cos, sin);
     if (!L.sandwich) {
         at::Tensor y = add_rms_norm_(a, x, L.ffn_norm, eps_, std::nullopt);  // a <- h = x + a
         return mlp(L, y).add_(a);
@@ -281,21 +293,38 @@ at::Tensor DecodePlan::layer_forward(const PlanLayer& L, const at::Tensor& x, in
     return h.add_(rms_norm(m, *L.post_ffn_norm, eps_));
 }
 
-at::Tensor DecodePlan::forward(const at::Tensor& x, int64_t pos, std::vector<at::Tensor> cos,
-                               std::vector<at::Tensor> sin) {
+at::Tensor DecodePlan::forward(const at::Tensor& x, std::vector<int64_t> pos, std::vector<int64_t> seq,
+                               std::vector<at::Tensor> cos, std::vector<at::Tensor> sin) {
     RECORD_FUNCTION("tp_numa::decode_layers", std::vector<c10::IValue>());
     TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2 &&
-                    x.size(0) == 1 && x.size(1) == d_model_,
-                "DecodePlan: x must be a contiguous float32 CPU tensor [1, ", d_model_, "], got ", x.scalar_type(), " ",
-                x.sizes());
-    TORCH_CHECK(pos >= 0, "DecodePlan: negative position ", pos);
+                    x.size(0) >= 1 && x.size(1) == d_model_,
+                "DecodePlan: x must be a contiguous float32 CPU tensor [M, ", d_model_, "] with M >= 1, got ",
+                x.scalar_type(), " ", x.sizes());
+    const int64_t M = x.size(0);
+    TORCH_CHECK(static_cast<int64_t>(pos.size()) == M && static_cast<int64_t>(seq.size()) == M, "DecodePlan: ", M,
+                " rows need ", M, " positions and sequences, got ", pos.size(), " and ", seq.size());
+    for (int64_t m = 0; m < M; ++m) {
+        TORCH_CHECK(pos[m] >= 0, "DecodePlan: row ", m, ": negative position ", pos[m]);
+        TORCH_CHECK(seq[m] >= 0 && seq[m] < n_seqs_, "DecodePlan: row ", m, ": KV sequence ", seq[m],
+                    " does not exist (the caches hold ", n_seqs_, ")");
+        for (int64_t j = 0; j < m; ++j) {
+            TORCH_CHECK(seq[j] != seq[m], "DecodePlan: rows ", j, " and ", m, " are both of KV sequence ", seq[m],
+                        " (one token per sequence and step)");
+        }
+    }
     TORCH_CHECK(cos.size() == sin.size(), "DecodePlan: ", cos.size(), " cos tables but ", sin.size(), " sin tables");
+    for (size_t j = 0; j < cos.size(); ++j) {
+        TORCH_CHECK(cos[j].dim() == 2 && cos[j].size(0) == M && cos[j].sizes() == sin[j].sizes(), "DecodePlan: rope ",
+                    j, ": cos/sin must be [", M, ", rope_dim/2] (a row per token), got ", cos[j].sizes(), " and ",
+                    sin[j].sizes());
+    }
     for (const auto& L : layers_) {
         TORCH_CHECK(L.rope_index < static_cast<int64_t>(cos.size()), "DecodePlan: layer needs rope table ",
                     L.rope_index, ", given ", cos.size());
     }
+    const Rows rows{pos, seq};
     at::Tensor h = x;
-    for (const auto& L : layers_) h = layer_forward(L, h, pos, cos[L.rope_index], sin[L.rope_index]);
+    for (const auto& L : layers_) h = layer_forward(L, h, rows, cos[L.rope_index], sin[L.rope_index]);
     return h;
 }
 

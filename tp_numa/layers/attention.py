@@ -3,7 +3,9 @@
 The layer receives q/k/v that are already projected, normed and RoPE'd for this rank's
 heads, stores k/v in its cache, and returns softmax(q k^T * scale + mask) v.
 
-Cache layout: ``k_cache``/``v_cache`` are ``[slots, n_kv_heads, head_dim]``. A full
+Cache layout: ``k_cache``/``v_cache`` are ``[n_seqs, slots, n_kv_heads, head_dim]``: one
+cache per KV sequence (a server slot; ``tp-numa generate`` uses sequence 0 alone), and
+``k_cache[s]`` is sequence s's contiguous ``[slots, n_kv, head_dim]``. A full
 attention layer has ``slots = max_seq_len`` and keeps position p in slot p. A sliding
 window layer keeps only its window: ``slots = min(window, max_seq_len)`` and position p
 lives in slot ``p % slots`` (a ring buffer). A query at position t sees key p iff
@@ -27,6 +29,7 @@ from torch import nn
 
 from .. import attention_ops, memory
 from ..errors import TpNumaError
+from .batch import Positions, SeqBatch
 
 # q8_0: GGUF Q8_0 blocks (fp16 scale + 32 int8 per 32 elements, 8.5 bits per value) stored
 # as uint8 [slots, n_kv, head_dim / 32 * 34]; written by ops.quantize_q8_0 (ggml's
@@ -121,19 +124,24 @@ class Attention(nn.Module):
         self._native_ok: bool | None = None
         self.max_seq_len = 0
         self.slots = 0
+        self.n_seqs = 0
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
     def extra_repr(self) -> str:
         return (f"layer={self.layer_idx}, heads={self.n_heads}, kv_heads={self.n_kv_heads}, "
-                f"head_dim={self.head_dim}, window={self.sliding_window}, slots={self.slots}")
+                f"head_dim={self.head_dim}, window={self.sliding_window}, slots={self.slots}, seqs={self.n_seqs}")
 
     def setup_cache(self, max_seq_len: int, dtype: torch.dtype | str = torch.float16,
-                    device: torch.device | str = "cpu") -> None:
-        """Preallocates K/V ``[slots, n_kv_heads, head_dim]`` (slots = window for window layers)."""
+                    device: torch.device | str = "cpu", n_seqs: int = 1) -> None:
+        """Preallocates K/V ``[n_seqs, slots, n_kv_heads, head_dim]`` (slots = window for
+        window layers): ``max_seq_len`` positions for each of ``n_seqs`` sequences."""
         if max_seq_len <= 0:
             raise TpNumaError(f"context size must be positive, got {max_seq_len}")
+        if n_seqs <= 0:
+            raise TpNumaError(f"the number of KV sequences must be positive, got {n_seqs}")
         dtype = kv_cache_dtype(dtype)
+        self.n_seqs = int(n_seqs)
         self.max_seq_len = int(max_seq_len)
         self.slots = self.max_seq_len if self.sliding_window is None else min(self.sliding_window, self.max_seq_len)
         row = self.head_dim
@@ -142,7 +150,7 @@ class Attention(nn.Module):
                 raise TpNumaError(f"layer {self.layer_idx}: a q8_0 KV cache needs head_dim divisible by 32, "
                                   f"got {self.head_dim} (use f16, bf16 or f32)")
             row = self.head_dim // 32 * 34
-        shape = (self.slots, self.n_kv_heads, row)
+        shape = (self.n_seqs, self.slots, self.n_kv_heads, row)
         # zeros, not empty: first touch of the pages happens here, on this rank's node; on
         # the CPU in weight memory (huge pages from 2 MiB: every decode step reads it all)
         if torch.device(device).type == "cpu":
@@ -159,77 +167,98 @@ class Attention(nn.Module):
             self._native_ok = bool(self.use_native) or attention_ops.available()
         return self._native_ok
 
-    def check_positions(self, start_pos: int, T: int) -> None:
-        """Raises TpNumaError unless the cache exists and positions start_pos..start_pos+T-1 fit it."""
+    def check_positions(self, start_pos: int, T: int, seq: int = 0) -> None:
+        """Raises TpNumaError unless the cache exists, has sequence ``seq`` and positions
+        start_pos..start_pos+T-1 fit it."""
         if self.k_cache is None:
             raise TpNumaError(f"layer {self.layer_idx}: setup_cache() was not called before forward()")
+        if not 0 <= seq < self.n_seqs:
+            raise TpNumaError(f"KV sequence {seq} does not exist (the cache holds {self.n_seqs})")
         if start_pos < 0 or start_pos + T > self.max_seq_len:
             raise TpNumaError(
                 f"positions {start_pos}..{start_pos + T - 1} exceed the context size {self.max_seq_len} "
                 "(raise the context size, e.g. -c / --ctx-size)")
 
-    def _check_call(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> int:
+    def _check_call(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int, seq: int = 0) -> int:
         """Checks the cache exists, the positions fit it and the shapes match; returns T."""
         T = q.shape[0]
-        self.check_positions(start_pos, T)
+        self.check_positions(start_pos, T, seq)
         if q.shape[1:] != (self.n_heads, self.head_dim) or k.shape != (T, self.n_kv_heads, self.head_dim) \
                 or v.shape != k.shape:
             raise ValueError(f"layer {self.layer_idx}: bad shapes q {tuple(q.shape)} k {tuple(k.shape)} "
                              f"v {tuple(v.shape)} for heads {self.n_heads}/{self.n_kv_heads} x {self.head_dim}")
         return T
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> torch.Tensor:
-        """q [T, n_heads, D], k/v [T, n_kv, D] at positions start_pos..start_pos+T-1 -> [T, n_heads*D]."""
-        T = self._check_call(q, k, v, start_pos)
-        if T == 1 and self._native(q):
-            return self._native_decode(q, k, v, start_pos)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: Positions) -> torch.Tensor:
+        """q [T, n_heads, D], k/v [T, n_kv, D] -> [T, n_heads*D].
+
+        ``pos``: an int (the T tokens are positions pos..pos+T-1 of sequence 0) or a
+        ``SeqBatch`` (each span's rows attend over their own sequence's cache)."""
+        if not isinstance(pos, SeqBatch):
+            return self._forward_seq(q, k, v, int(pos), 0, False)
+        if q.shape[0] != pos.n_tokens:
+            raise ValueError(f"layer {self.layer_idx}: {q.shape[0]} query rows for a batch of {pos.n_tokens} tokens")
+        if len(pos.spans) == 1:
+            s = pos.spans[0]
+            return self._forward_seq(q, k, v, s.start, s.seq, s.prefill)
+        return torch.cat([self._forward_seq(q[a:b], k[a:b], v[a:b], s.start, s.seq, s.prefill)
+                          for s, a, b in pos.rows()])
+
+    def _forward_seq(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int,
+                     seq: int, prefill: bool) -> torch.Tensor:
+        """T tokens of sequence ``seq`` at positions start_pos..start_pos+T-1 -> [T, n_heads*D];
+        ``prefill``: a prompt chunk (the prefill kernel even for T = 1)."""
+        T = self._check_call(q, k, v, start_pos, seq)
+        kc, vc = self.k_cache[seq], self.v_cache[seq]          # (slots, n_kv, row) views
+        if T == 1 and not prefill and self._native(q):
+            return self._native_decode(q, k, v, start_pos, kc, vc)
         native = self._native(q)
         end = start_pos + T
-        dt, D = self.k_cache.dtype, self.head_dim
+        dt, D = kc.dtype, self.head_dim
         if end <= self.slots:
             # No wrap-around: slot == position, the cache prefix is the whole key sequence.
-            self.k_cache[start_pos:end] = to_cache(k, dt)
-            self.v_cache[start_pos:end] = to_cache(v, dt)
+            kc[start_pos:end] = to_cache(k, dt)
+            vc[start_pos:end] = to_cache(v, dt)
             if native:
-                return self._native_prefill(q, self.k_cache, self.v_cache, end, start_pos)
-            return attention_reference(q, from_cache(self.k_cache[:end], D), from_cache(self.v_cache[:end], D),
+                return self._native_prefill(q, kc, vc, end, start_pos)
+            return attention_reference(q, from_cache(kc[:end], D), from_cache(vc[:end], D),
                                        start_pos, 0, self.scale, self.sliding_window).to(q.dtype)
-        if T == 1:
+        if T == 1 and not prefill:
             # (torch path) Decode on a full ring: the slots hold exactly the last `window`
             # positions, all visible from this query (order does not matter to softmax).
-            self.k_cache[start_pos % self.slots] = to_cache(k[0], dt)
-            self.v_cache[start_pos % self.slots] = to_cache(v[0], dt)
-            return attention_reference(q, from_cache(self.k_cache, D), from_cache(self.v_cache, D), self.slots - 1, 0,
+            kc[start_pos % self.slots] = to_cache(k[0], dt)
+            vc[start_pos % self.slots] = to_cache(v[0], dt)
+            return attention_reference(q, from_cache(kc, D), from_cache(vc, D), self.slots - 1, 0,
                                        self.scale, None).to(q.dtype)
-        return self._prefill_wrapped(q, k, v, start_pos, native)
+        return self._prefill_wrapped(q, k, v, start_pos, native, kc, vc)
 
-    def _prefill_wrapped(self, q, k, v, start_pos: int, native: bool) -> torch.Tensor:
+    def _prefill_wrapped(self, q, k, v, start_pos: int, native: bool, kc, vc) -> torch.Tensor:
         """Prefill on a window layer whose ring wraps: keys in position order = the ring's
         still-visible past (in order) + the new keys; then the ring keeps the newest slots."""
         T = q.shape[0]
         n_past = min(start_pos, self.slots)
         p0 = start_pos - n_past
         order = torch.arange(p0, start_pos, device=q.device) % self.slots
-        dt = self.k_cache.dtype
-        keys = torch.cat([self.k_cache[order], to_cache(k, dt)])     # (n_past + T, n_kv, D), positions p0..
-        vals = torch.cat([self.v_cache[order], to_cache(v, dt)])
+        dt = kc.dtype
+        keys = torch.cat([kc[order], to_cache(k, dt)])     # (n_past + T, n_kv, D), positions p0..
+        vals = torch.cat([vc[order], to_cache(v, dt)])
         keep = min(T, self.slots)
         slots = torch.arange(start_pos + T - keep, start_pos + T, device=q.device) % self.slots
-        self.k_cache[slots] = keys[-keep:]
-        self.v_cache[slots] = vals[-keep:]
+        kc[slots] = keys[-keep:]
+        vc[slots] = vals[-keep:]
         if native:
             return self._native_prefill(q, keys, vals, keys.shape[0], n_past)
         return attention_reference(q, from_cache(keys, self.head_dim), from_cache(vals, self.head_dim), start_pos, p0,
                                    self.scale, self.sliding_window).to(q.dtype)
 
-    def _native_decode(self, q, k, v, start_pos: int) -> torch.Tensor:
+    def _native_decode(self, q, k, v, start_pos: int, kc, vc) -> torch.Tensor:
         """One token: cache write and attention in one native call. The slot is
         ``start_pos % slots``; the keys visible are all filled slots (for a window layer
         whose ring has wrapped, exactly the last ``window`` positions)."""
         q0 = q[0]
         if q0.dtype != torch.float32 or not q0.is_contiguous():
             q0 = q0.float().contiguous()
-        out = attention_ops.attn_decode_update(q0, k[0], v[0], self.k_cache, self.v_cache, start_pos % self.slots,
+        out = attention_ops.attn_decode_update(q0, k[0], v[0], kc, vc, start_pos % self.slots,
                                  min(start_pos + 1, self.slots), self.scale).view(1, -1)
         return out if q.dtype == torch.float32 else out.to(q.dtype)
 

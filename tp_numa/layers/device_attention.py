@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from ..errors import TpNumaError
 from .attention import Q8_0_CACHE, Attention, kv_cache_dtype
+from .batch import Positions, SeqBatch
 
 
 class DeviceAttention(Attention):
@@ -63,19 +64,22 @@ class DeviceAttention(Attention):
         return super().extra_repr() + f", device={self.device}"
 
     def setup_cache(self, max_seq_len: int, dtype: torch.dtype | str = torch.float16,
-                    device: torch.device | str | None = None) -> None:
-        """Allocates K/V ``[max_seq_len, n_kv_heads, head_dim]`` on this module's device.
+                    device: torch.device | str | None = None, n_seqs: int = 1) -> None:
+        """Allocates K/V ``[n_seqs, max_seq_len, n_kv_heads, head_dim]`` on this module's device.
 
         ``device`` is ignored: the placement decided the device when this module was made.
         """
         if max_seq_len <= 0:
             raise TpNumaError(f"context size must be positive, got {max_seq_len}")
+        if n_seqs <= 0:
+            raise TpNumaError(f"the number of KV sequences must be positive, got {n_seqs}")
         dtype = kv_cache_dtype(dtype)
         if dtype is Q8_0_CACHE:
             raise TpNumaError(f"layer {self.layer_idx}: a q8_0 KV cache is CPU only; attention placed on "
                               f"{self.device} needs f16, bf16 or f32 (--cache-type)")
         self.max_seq_len = self.slots = int(max_seq_len)
-        shape = (self.slots, self.n_kv_heads, self.head_dim)
+        self.n_seqs = int(n_seqs)
+        shape = (self.n_seqs, self.slots, self.n_kv_heads, self.head_dim)
         self.k_cache = self.v_cache = None  # free the old cache first: device memory is the limit
         self.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
@@ -112,27 +116,38 @@ class DeviceAttention(Attention):
         return host.clone()
 
     # ---- attention ----
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> torch.Tensor:
-        """q [T, n_heads, D], k/v [T, n_kv, D] at positions start_pos.. -> float32 [T, n_heads*D]
-        on q's device (the CPU, or this module's device when q was computed there)."""
-        T = self._check_call(q, k, v, start_pos)
-        end = start_pos + T
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: Positions) -> torch.Tensor:
+        """q [T, n_heads, D], k/v [T, n_kv, D] at ``pos`` (an int start of sequence 0, or a
+        ``SeqBatch``) -> float32 [T, n_heads*D] on q's device (the CPU, or this module's
+        device when q was computed there). One upload of q/k/v and one download per call."""
         resident = q.device == self.device
-        qd = self._upload("q", q)
-        self.k_cache[start_pos:end] = self._upload("k", k)
-        self.v_cache[start_pos:end] = self._upload("v", v)
-        out = self._attend(qd, start_pos, end)
+        qd, kd, vd = self._upload("q", q), self._upload("k", k), self._upload("v", v)
+        if not isinstance(pos, SeqBatch):
+            out = self._forward_seq(qd, kd, vd, int(pos), 0)
+        elif len(pos.spans) == 1:
+            out = self._forward_seq(qd, kd, vd, pos.spans[0].start, pos.spans[0].seq)
+        else:
+            out = torch.cat([self._forward_seq(qd[a:b], kd[a:b], vd[a:b], s.start, s.seq) for s, a, b in pos.rows()])
         return out if resident else self._download(out)
 
-    def _attend(self, q: torch.Tensor, start_pos: int, end: int) -> torch.Tensor:
+    def _forward_seq(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int,
+                     seq: int) -> torch.Tensor:
+        """Device tensors of T tokens of sequence ``seq``: cache write, then attention."""
+        T = self._check_call(q, k, v, start_pos, seq)
+        end = start_pos + T
+        self.k_cache[seq, start_pos:end] = k
+        self.v_cache[seq, start_pos:end] = v
+        return self._attend(q, start_pos, end, seq)
+
+    def _attend(self, q: torch.Tensor, start_pos: int, end: int, seq: int) -> torch.Tensor:
         """Device-side attention of queries at start_pos..end-1 over the cached keys -> float32 [T, H*D]."""
         T, H, D = q.shape
         w = self.sliding_window
         first = 0 if w is None else max(0, start_pos - w + 1)     # oldest key any query can see
         cdt = self.compute_dtype
         qh = q.to(cdt).transpose(0, 1).unsqueeze(0)                          # (1, H, T, D)
-        kh = self.k_cache[first:end].to(cdt).transpose(0, 1).unsqueeze(0)   # (1, n_kv, L, D)
-        vh = self.v_cache[first:end].to(cdt).transpose(0, 1).unsqueeze(0)   # (1, n_kv, L, D)
+        kh = self.k_cache[seq, first:end].to(cdt).transpose(0, 1).unsqueeze(0)   # (1, n_kv, L, D)
+        vh = self.v_cache[seq, first:end].to(cdt).transpose(0, 1).unsqueeze(0)   # (1, n_kv, L, D)
         mask = None
         if T > 1:
             # query i is at position start_pos + i, key j at first + j

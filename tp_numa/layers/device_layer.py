@@ -166,8 +166,9 @@ class DeviceSelfAttention(nn.Module):
         self.attn = DeviceAttention.from_attention(attn.attn, device)
         self.o_proj = DeviceLinear.from_linear(attn.o_proj, device)
 
-    def forward(self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [T, d] (normed) -> [T, d] (summed over ranks), all on the device."""
+    def forward(self, x: torch.Tensor, pos, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [T, d] (normed) -> [T, d] (summed over ranks), all on the device; ``pos``: int
+        start or ``SeqBatch`` (layers/batch.py)."""
         T = x.shape[0]
         qkv = self.qkv_proj(x).view(T, -1, self.head_dim)                       # (T, n_q + 2 n_kv, hd)
         q, k, v = qkv.split_with_sizes(self.local_heads, dim=1)
@@ -176,7 +177,7 @@ class DeviceSelfAttention(nn.Module):
         q, k = self.rotary_emb(q, cos, sin), self.rotary_emb(k, cos, sin)
         if self.kv_expand is not None:
             k, v = k[:, self.kv_expand], v[:, self.kv_expand]                   # (T, n_q, hd)
-        out = self.attn(q, k, v, start_pos)                                     # (T, n_q * hd), on the device
+        out = self.attn(q, k, v, pos)                                           # (T, n_q * hd), on the device
         return self.o_proj(out)
 
 
@@ -198,22 +199,23 @@ class DeviceMLP(nn.Module):
 
 class DeviceTables:
     """RoPE cos/sin of the current positions copied to a device once per forward, shared by
-    the device layers that use the same rotary table (keyed by table, device, positions)."""
+    the device layers that use the same rotary table (keyed by table and device; a hit is
+    the very host table of this forward, which the model computes once per forward)."""
 
     def __init__(self):
-        self._last: dict[tuple, tuple[int, int, torch.Tensor, torch.Tensor]] = {}
+        self._last: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
-    def get(self, rotary: nn.Module, cos_sin, start_pos: int, device: torch.device):
+    def get(self, rotary: nn.Module, cos_sin, device: torch.device):
         cos, sin = cos_sin
         if cos.device == device:
             return cos, sin
         key = (id(rotary), device)
         hit = self._last.get(key)
-        if hit is not None and hit[0] == start_pos and hit[1] == cos.shape[0]:
-            return hit[2], hit[3]
-        entry = (start_pos, cos.shape[0], cos.to(device), sin.to(device))
+        if hit is not None and hit[0] is cos:
+            return hit[1], hit[2]
+        entry = (cos, cos.to(device), sin.to(device))
         self._last[key] = entry
-        return entry[2], entry[3]
+        return entry[1], entry[2]
 
 
 _NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
@@ -254,11 +256,12 @@ class DeviceDecoderLayer(nn.Module):
     def extra_repr(self) -> str:
         return f"layer {self.layer_idx} on {self.device}, exit to {self.exit_device}"
 
-    def forward(self, x: torch.Tensor, start_pos: int, cos_sin) -> torch.Tensor:
-        """x [T, d] float32 (any device) -> [T, d] float32 on ``exit_device``."""
+    def forward(self, x: torch.Tensor, pos, cos_sin) -> torch.Tensor:
+        """x [T, d] float32 (any device) -> [T, d] float32 on ``exit_device``; ``pos``: int
+        start or ``SeqBatch``."""
         x = x.to(self.device)
-        cos, sin = self.tables.get(self.self_attn.rotary_emb, cos_sin, start_pos, self.device)
-        a = self.self_attn(self.input_layernorm(x), start_pos, cos, sin)     # (T, d)
+        cos, sin = self.tables.get(self.self_attn.rotary_emb, cos_sin, self.device)
+        a = self.self_attn(self.input_layernorm(x), pos, cos, sin)           # (T, d)
         if self.sandwich:
             h = x + self.post_attention_layernorm(a)
             out = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))

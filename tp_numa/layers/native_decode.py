@@ -1,17 +1,20 @@
 """The decode step of all decoder layers in one native call (``torch.classes.tp_numa.DecodePlan``).
 
-A one-token step through the nn.Modules is ~24 layers x ~12 small native ops; calling each
+A decode step runs M tokens, each the next token of its own KV sequence (``layers.batch``:
+a ``SeqBatch`` of M one-token spans; ``tp-numa generate`` is M = 1, sequence 0). A step
+through the nn.Modules is ~24 layers x ~12 small native ops; calling each
 from Python (module ``__call__``, attribute lookups, op dispatch, the Python glue between
 them) cost 3.7-6.4 ms of a 26-28 ms Qwen2.5-0.5B step at 2 threads. ``build_plan`` walks the
 loaded modules once and hands their tensors (weights, norm weights, KV caches: the same
 storage, nothing copied) to a C++ ``DecodePlan`` (csrc/decode/decode_plan.h), which then runs
-a token's layers with the same C++ entry points in the same order the modules use: the
-result is bitwise the module path's, at tp=1 and under tensor parallelism (the plan calls
-the shm all-reduce itself).
+a step's layers with the same C++ entry points on the same tensors in the same order the
+modules use (every matmul on all M rows at once, attention per row over its sequence's
+cache): the result is bitwise the module path's for every M, at tp=1 and under tensor
+parallelism (the plan calls the shm all-reduce itself).
 
-The model (``DecoderModel.forward``) uses the plan for T = 1 whenever ``plan_for`` returns
-one; everything else (prefill, GPU-placed layers, other dtypes) runs the modules. The plan
-covers what the fused CPU path of the modules covers; ``why_not(model)`` says why a model
+The model (``DecoderModel.forward``) uses the plan for every decode step
+(``SeqBatch.is_decode``) whenever ``plan_for`` returns one; everything else (prefill,
+GPU-placed layers, other dtypes) runs the modules. The plan covers what the fused CPU path of the modules covers; ``why_not(model)`` says why a model
 does not qualify. Switches: ``TP_NUMA_NATIVE_DECODE=0`` in the environment, or
 ``set_enabled(False)`` in-process (``scripts/profile_decode.py --ab-native``).
 """
@@ -24,6 +27,7 @@ import torch
 from ..errors import TpNumaError
 from . import fused_path
 from .attention import Attention
+from .batch import SeqBatch
 from .moe import MoE
 from .norm import RMSNorm
 from .quant import GGUFLinearMethod, X4LinearMethod, method_of
@@ -81,11 +85,19 @@ class NativeDecode:
                 return False
         return True
 
-    def forward(self, x: torch.Tensor, start_pos: int, tables: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """x [1, d] float32 (left unchanged) at position start_pos -> [1, d] after every layer."""
-        self._first_attn.check_positions(start_pos, 1)     # every layer has the same context size
+    def forward(self, x: torch.Tensor, batch: SeqBatch,
+                tables: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """One decode step: x [M, d] float32 (left unchanged), row m the token of
+        ``batch.spans[m]`` (M one-token spans of distinct sequences) -> [M, d] after every
+        layer. ``tables[j]`` = (cos, sin) [M, rope_dim/2] of rope j at the rows' positions."""
+        if not batch.is_decode or batch.n_tokens != x.shape[0]:
+            raise ValueError(f"a native decode step takes one token per span: {batch} for {x.shape[0]} rows")
+        attn = self._first_attn                             # every layer has the same context and sequences
+        for s in batch.spans:
+            attn.check_positions(s.start, 1, s.seq)
         try:
-            return self.plan.forward(x, start_pos, [c for c, _ in tables], [s for _, s in tables])
+            return self.plan.forward(x, [s.start for s in batch.spans], [s.seq for s in batch.spans],
+                                     [c for c, _ in tables], [s for _, s in tables])
         except RuntimeError as e:
             if "tp_numa shm" in str(e):
                 from ..distributed.shm import _comm_error

@@ -28,9 +28,13 @@ class RMSNorm(nn.Module):
         self.weight = w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., dim] float32 -> same shape (one native call for contiguous float32 CPU x)."""
-        if fused_path.applies(x, self.weight):
-            return fused_ops.rms_norm(x, self.weight, self.eps)
+        """x [..., dim] float32 -> same shape (one native call for float32 CPU x).
+
+        A strided x (the q or k heads of several tokens, views of the fused qkv output) is
+        made contiguous first, so every row goes through the same native op whatever the
+        number of rows: a token's result does not depend on its batch."""
+        if fused_path.applies(self.weight) and x.dtype is torch.float32 and x.is_cpu:
+            return fused_ops.rms_norm(x.contiguous(), self.weight, self.eps)
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
     def extra_repr(self) -> str:

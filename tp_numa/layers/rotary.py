@@ -53,10 +53,22 @@ class RotaryEmbedding(nn.Module):
             return self._rows[0][off:off + 1], self._rows[1][off:off + 1]
         return self._compute(start_pos, T)
 
-    def _compute(self, start_pos: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-        pos = torch.arange(start_pos, start_pos + T, dtype=torch.float64)
-        ang = pos[:, None] * self.inv_freq[None, :]
+    def cos_sin_for(self, pos) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, rope_dim/2] for ``pos``: an int start (with ``T`` rows given by the
+        caller through ``cos_sin``) or a ``SeqBatch``: every token's own position, the same
+        values ``cos_sin`` gives for that position. One span uses ``cos_sin`` itself."""
+        if len(pos.spans) == 1:
+            s = pos.spans[0]
+            return self.cos_sin(s.start, s.length)
+        return self.cos_sin_at(pos.positions())
+
+    def cos_sin_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, rope_dim/2] for arbitrary int64 ``positions`` [T]."""
+        ang = positions.to(torch.float64)[:, None] * self.inv_freq[None, :]
         return ang.cos().float(), ang.sin().float()
+
+    def _compute(self, start_pos: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos_sin_at(torch.arange(start_pos, start_pos + T))
 
     def rotate_(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Like ``forward`` but may overwrite x: float32 CPU x [T, H, D] whose heads and dims

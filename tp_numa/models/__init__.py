@@ -3,7 +3,7 @@
     from tp_numa.models import load_model
     model, cfg = load_model("model.gguf")          # world size 1, or this MPI rank's shard
     model.setup_cache(max_seq_len=2048, dtype=torch.float16)
-    logits = model(torch.tensor(ids), start_pos=0)  # [T, vocab] float32 on rank 0, else None
+    logits = model(torch.tensor(ids), 0)  # [T, vocab] float32 on rank 0, else None
 
 Supported architectures: see ``ARCHITECTURES`` and docs/models.md.
 """

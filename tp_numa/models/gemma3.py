@@ -48,9 +48,9 @@ class Gemma3DecoderLayer(nn.Module):
         self.mlp.load_gguf(f, prefix)
         self.post_feedforward_layernorm.load_gguf(f, prefix + "post_ffw_norm.weight")
 
-    def forward(self, x: torch.Tensor, start_pos: int, cos_sin) -> torch.Tensor:
-        """x [T, d] -> [T, d]; x itself is left unchanged."""
-        a = self.self_attn(self.input_layernorm(x), start_pos, cos_sin)   # fresh (T, d)
+    def forward(self, x: torch.Tensor, pos, cos_sin) -> torch.Tensor:
+        """x [T, d] -> [T, d]; x itself is left unchanged. ``pos``: int start or SeqBatch."""
+        a = self.self_attn(self.input_layernorm(x), pos, cos_sin)         # fresh (T, d)
         post, pre, post_ff = self.post_attention_layernorm, self.pre_feedforward_layernorm, \
             self.post_feedforward_layernorm
         if fused_path.applies(a, x, post.weight, pre.weight):

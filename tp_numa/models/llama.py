@@ -26,6 +26,7 @@ from ..config import ModelConfig
 from ..gguf_loader import GGUFFile
 from ..layers import fused_path, native_decode
 from ..layers.attention import Attention
+from ..layers.batch import Positions, SeqBatch
 from ..layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from ..layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from ..layers.moe import MoE
@@ -80,8 +81,9 @@ class SelfAttention(nn.Module):
             self.k_norm.load_gguf(f, prefix + "attn_k_norm.weight")
         self.o_proj.load_gguf(f, prefix + "attn_output.weight", prefix + "attn_output.bias" if self.o_proj.has_bias else None)
 
-    def forward(self, x: torch.Tensor, start_pos: int, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x [T, d] -> [T, d] (summed over ranks by o_proj)."""
+    def forward(self, x: torch.Tensor, pos: Positions, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x [T, d] -> [T, d] (summed over ranks by o_proj); ``pos``: the tokens' sequences
+        and positions (``layers.batch``), cos_sin [T, rope_dim/2] of those positions."""
         q, k, v = self.qkv_proj.split(self.qkv_proj(x))     # (T, n_q, hd), (T, n_kv, hd), (T, n_kv, hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)             # per-head RMSNorm over hd
@@ -90,7 +92,7 @@ class SelfAttention(nn.Module):
         k = self.rotary_emb.rotate_(k, *cos_sin)
         if self.kv_expand is not None:
             k, v = k[:, self.kv_expand], v[:, self.kv_expand]   # (T, n_q, hd)
-        out = self.attn(q, k, v, start_pos)                   # (T, n_q * hd)
+        out = self.attn(q, k, v, pos)                         # (T, n_q * hd)
         return self.o_proj(out)                               # (T, d), all-reduced
 
 
@@ -164,9 +166,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm.load_gguf(f, prefix + "ffn_norm.weight")
         self.mlp.load_gguf(f, prefix)
 
-    def forward(self, x: torch.Tensor, start_pos: int, cos_sin) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: Positions, cos_sin) -> torch.Tensor:
         """x [T, d] -> [T, d]; x itself is left unchanged."""
-        a = self.self_attn(self.input_layernorm(x), start_pos, cos_sin)   # fresh (T, d)
+        a = self.self_attn(self.input_layernorm(x), pos, cos_sin)         # fresh (T, d)
         ln = self.post_attention_layernorm
         if fused_path.applies(a, x, ln.weight):
             y = fused_ops.add_rms_norm_(a, x, ln.weight, ln.eps)         # a <- h = x + attn, y = norm(h)
@@ -207,25 +209,39 @@ class DecoderModel(nn.Module):
         self.norm.load_gguf(f, "output_norm.weight")
         native_decode.reset(self)          # a plan holds the previous weights
 
-    def forward(self, tokens: torch.Tensor, start_pos: int, last_only: bool = False) -> torch.Tensor:
-        """tokens [T] at positions start_pos.. -> normed hidden [T, d] ([1, d] if last_only)."""
+    def forward(self, tokens: torch.Tensor, pos: Positions, last_only: bool = False) -> torch.Tensor:
+        """tokens [T] -> normed hidden [T, d].
+
+        ``pos``: an int start (positions pos..pos+T-1 of KV sequence 0) or a ``SeqBatch``
+        (several sequences' spans in one forward: every linear layer runs on all T rows at
+        once, attention per span over its own sequence). ``last_only``: only the rows that
+        predict a next token: the last row, or each span's last row (``[n_spans, d]``)."""
         T = tokens.shape[0]
         x = self.embed_tokens(tokens)                             # (T, d)
         if self.cfg.embed_scale != 1.0:
             x = x * self.cfg.embed_scale
-        tables = [rope.cos_sin(start_pos, T) for rope in self.ropes]   # (T, rope_dim/2) each
-        plan = native_decode.plan_for(self) if T == 1 else None
+        batch = pos if isinstance(pos, SeqBatch) else None
+        if batch is None:
+            tables = [rope.cos_sin(pos, T) for rope in self.ropes]     # (T, rope_dim/2) each
+        else:
+            if batch.n_tokens != T:
+                raise ValueError(f"{T} tokens for a batch of {batch.n_tokens}")
+            tables = [rope.cos_sin_for(batch) for rope in self.ropes]
+        decode = T == 1 if batch is None else batch.is_decode
+        plan = native_decode.plan_for(self) if decode else None
         if plan is not None and x.dtype is torch.float32 and x.is_cpu and x.is_contiguous():
             # one native call for every layer (bitwise the loop below; see native_decode.py)
-            return self._final(plan.forward(x, start_pos, tables), last_only)
+            h = plan.forward(x, batch if batch is not None else SeqBatch.one(pos, 1), tables)
+            return self._final(h, last_only, batch)
         for i, layer in enumerate(self.layers):
-            x = layer(x, start_pos, tables[self._rope_index[self.rope_keys[i]]])
-        return self._final(x, last_only)
+            x = layer(x, pos, tables[self._rope_index[self.rope_keys[i]]])
+        return self._final(x, last_only, batch)
 
-    def _final(self, x: torch.Tensor, last_only: bool) -> torch.Tensor:
-        """Final norm of the last layer's output [T, d] (its last row only if last_only)."""
+    def _final(self, x: torch.Tensor, last_only: bool, batch: SeqBatch | None = None) -> torch.Tensor:
+        """Final norm of the last layer's output [T, d] (with last_only: of the last row, or
+        of each span's last row)."""
         if last_only:
-            x = x[-1:]
+            x = x[-1:] if batch is None or len(batch.spans) == 1 else x[batch.last_rows()]
         return self.norm(x)
 
 
@@ -251,18 +267,20 @@ class LlamaForCausalLM(nn.Module):
         if f.has("output.bias"):
             self.lm_head.load_bias(f, "output.bias")
 
-    def setup_cache(self, max_seq_len: int, dtype: torch.dtype | str = torch.float16) -> None:
-        """Preallocate every layer's K/V cache (this rank's KV heads only)."""
+    def setup_cache(self, max_seq_len: int, dtype: torch.dtype | str = torch.float16, n_seqs: int = 1) -> None:
+        """Preallocate every layer's K/V cache (this rank's KV heads only): ``max_seq_len``
+        positions for each of ``n_seqs`` sequences (server slots)."""
         for layer in self.model.layers:
-            layer.self_attn.attn.setup_cache(max_seq_len, dtype)
+            layer.self_attn.attn.setup_cache(max_seq_len, dtype, n_seqs=n_seqs)
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, start_pos: int, last_only: bool = False) -> torch.Tensor | None:
-        """Run tokens [T] at positions start_pos..start_pos+T-1.
+    def forward(self, tokens: torch.Tensor, pos: Positions, last_only: bool = False) -> torch.Tensor | None:
+        """Run tokens [T] at ``pos`` (an int start position of sequence 0, or a ``SeqBatch``).
 
-        Returns logits [T, vocab] ([1, vocab] with last_only) on rank 0, None elsewhere.
+        Returns logits [T, vocab] on rank 0, None elsewhere; with last_only [1, vocab] (int
+        ``pos``) or [n_spans, vocab] (each span's last token).
         """
-        h = self.model(tokens, start_pos, last_only)              # (T, d)
+        h = self.model(tokens, pos, last_only)                    # (T, d)
         return self.lm_head(h)
 
 
