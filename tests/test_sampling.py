@@ -8,9 +8,11 @@ from tp_numa.errors import TpNumaError
 from tp_numa.sampling import (
     Sampler,
     SamplingParams,
+    apply_penalties,
     apply_repetition_penalty,
     min_p_filter,
     top_k_filter,
+    top_logprobs,
     top_p_filter,
 )
 
@@ -116,8 +118,67 @@ def test_low_temperature_tends_to_argmax():
         (dict(temperature=math.nan), "--temperature"),
         (dict(seed=-5), "--seed"),
         (dict(repeat_last_n=-1), "--repeat-last-n"),
+        (dict(presence_penalty=2.5), "--presence-penalty"),
+        (dict(presence_penalty=math.nan), "--presence-penalty"),
+        (dict(frequency_penalty=-2.01), "--frequency-penalty"),
     ],
 )
 def test_bad_options_name_the_option(kw, option):
     with pytest.raises(TpNumaError, match=option):
         Sampler(SamplingParams(**kw))
+
+
+def test_frequency_and_presence_penalties_count_occurrences():
+    z = torch.tensor([2.0, -1.0, 0.0, 4.0, -3.0])
+    # id 1 three times, id 0 once, id 2 twice; 3 and 4 untouched
+    out = apply_penalties(z, [0, 1, 2, 1, 1, 2], repeat=1.0, frequency=0.5, presence=0.25)
+    assert out.tolist() == [2.0 - 0.5 - 0.25, -1.0 - 1.5 - 0.25, 0.0 - 1.0 - 0.25, 4.0, -3.0]
+    assert z.tolist() == [2.0, -1.0, 0.0, 4.0, -3.0]  # input not modified
+    # negative values make repeats more likely
+    assert apply_penalties(z, [3], frequency=-1.0).tolist() == [2.0, -1.0, 0.0, 5.0, -3.0]
+
+
+def test_penalties_apply_after_the_repetition_penalty():
+    z = torch.tensor([2.0, -1.0, 3.0])
+    # llama.cpp: z / r (or z * r) first, then the subtraction
+    out = apply_penalties(z, [0, 1, 0], repeat=2.0, frequency=0.5, presence=1.0)
+    assert out.tolist() == [2.0 / 2 - 1.0 - 1.0, -1.0 * 2 - 0.5 - 1.0, 3.0]
+
+
+def test_zero_frequency_and_presence_leave_the_repeat_penalty_bitwise_alone():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(1000, generator=g)
+    recent = torch.randint(0, 1000, (64,), generator=g).tolist()
+    a = apply_repetition_penalty(z, recent, 1.3)
+    b = apply_penalties(z, recent, 1.3, 0.0, 0.0)
+    assert torch.equal(a, b)
+    draws = []
+    for params in (SamplingParams(seed=5, repeat_penalty=1.3),
+                   SamplingParams(seed=5, repeat_penalty=1.3, presence_penalty=0.0, frequency_penalty=0.0)):
+        s = Sampler(params)
+        draws.append([s(z, recent) for _ in range(20)])
+    assert draws[0] == draws[1]
+
+
+def test_presence_penalty_in_the_sampler_honours_the_window():
+    z = torch.tensor([3.0, 2.9, 1.0])
+    # token 0 was seen inside the window: presence 0.5 drops it below token 1
+    assert Sampler(SamplingParams(temperature=0, presence_penalty=0.5, repeat_last_n=2))(z, [0, 2]) == 1
+    # the same token outside the window is not penalised
+    assert Sampler(SamplingParams(temperature=0, presence_penalty=0.5, repeat_last_n=1))(z, [0, 2]) == 0
+    # repeat_last_n = 0 turns every penalty off
+    assert Sampler(SamplingParams(temperature=0, frequency_penalty=2.0, repeat_last_n=0))(z, [0, 0]) == 0
+
+
+def test_top_logprobs_is_log_softmax_of_the_raw_logits():
+    z = torch.tensor([1.0, 3.0, 2.0, -1.0])
+    expect = torch.log_softmax(z, dim=-1)
+    lp, top = top_logprobs(z, 2, 3)
+    assert lp == pytest.approx(float(expect[2]), abs=1e-6)
+    assert [i for i, _ in top] == [1, 2, 0]
+    assert [v for _, v in top] == pytest.approx([float(expect[i]) for i in (1, 2, 0)], abs=1e-6)
+    assert math.isclose(sum(math.exp(v) for v in expect.tolist()), 1.0, rel_tol=1e-6)
+    assert top_logprobs(z, 3, 0) == (pytest.approx(float(expect[3]), abs=1e-6), [])
+    assert len(top_logprobs(z, 0, 10)[1]) == 4  # at most the vocabulary
+    with pytest.raises(ValueError, match="token id 4"):
+        top_logprobs(z, 4, 1)

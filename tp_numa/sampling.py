@@ -2,9 +2,11 @@
 
 The chain, applied in llama.cpp's default order to the float32 logits ``z`` (vocab,):
 
-1. repetition penalty over the last ``repeat_last_n`` tokens (prompt included): each
-   distinct recent token ``t`` gets ``z_t / r`` if ``z_t > 0`` else ``z_t * r``
-   (so ``r > 1`` always makes it less likely);
+1. penalties over the last ``repeat_last_n`` tokens (prompt included), llama.cpp's
+   ``llama_sampler_penalties``: each recent token ``t``, seen ``c_t`` times there, gets
+   the repetition penalty ``z_t / r`` if ``z_t > 0`` else ``z_t * r`` (so ``r > 1``
+   always makes it less likely), then ``z_t -= c_t * frequency + presence`` (OpenAI's
+   frequency and presence penalties; negative values favour repeats);
 2. ``temperature <= 0``: greedy, ``argmax z`` (the first maximum). Otherwise:
 3. top-k: keep the ``k`` largest logits (``k <= 0``: keep all);
 4. top-p: with ``p = softmax(z)`` sorted descending, keep the shortest prefix whose
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -38,6 +41,8 @@ class SamplingParams:
     min_p: float = 0.05
     repeat_penalty: float = 1.0
     repeat_last_n: int = 64
+    presence_penalty: float = 0.0   # subtracted once from every token in the window
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the window
     seed: int | None = None  # None: a fresh random seed
 
     def validate(self) -> None:
@@ -50,6 +55,10 @@ class SamplingParams:
             raise TpNumaError(f"--min-p must be in [0, 1], got {self.min_p}")
         if not (self.repeat_penalty > 0.0 and math.isfinite(self.repeat_penalty)):
             raise TpNumaError(f"--repeat-penalty must be > 0, got {self.repeat_penalty}")
+        for name, value in (("--presence-penalty", self.presence_penalty),
+                            ("--frequency-penalty", self.frequency_penalty)):
+            if not -2.0 <= value <= 2.0:  # also false for NaN
+                raise TpNumaError(f"{name} must be in [-2, 2], got {value}")
         if self.repeat_last_n < 0:
             raise TpNumaError(f"--repeat-last-n must be >= 0, got {self.repeat_last_n}")
         if self.seed is not None and self.seed < 0:
@@ -58,6 +67,12 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+    @property
+    def penalised(self) -> bool:
+        """True when any penalty can change the logits."""
+        return self.repeat_last_n > 0 and (
+            self.repeat_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, recent: Sequence[int], penalty: float) -> torch.Tensor:
@@ -70,6 +85,39 @@ def apply_repetition_penalty(logits: torch.Tensor, recent: Sequence[int], penalt
     z = out[ids]
     out[ids] = torch.where(z > 0, z / penalty, z * penalty)
     return out
+
+
+def apply_penalties(logits: torch.Tensor, recent: Sequence[int], repeat: float = 1.0,
+                    frequency: float = 0.0, presence: float = 0.0) -> torch.Tensor:
+    """Return logits (vocab,) with llama.cpp's penalties for the tokens of ``recent``:
+    the repetition penalty (``apply_repetition_penalty``), then
+    ``z_t -= count_t * frequency + presence`` for every distinct ``t`` (``count_t``: its
+    occurrences in ``recent``). With ``frequency == presence == 0`` this is exactly
+    ``apply_repetition_penalty``."""
+    out = apply_repetition_penalty(logits, recent, repeat)
+    if (frequency == 0.0 and presence == 0.0) or len(recent) == 0:
+        return out
+    counts = Counter(int(t) for t in recent)
+    ids = torch.tensor(sorted(counts), dtype=torch.long)
+    n = torch.tensor([counts[int(t)] for t in ids], dtype=out.dtype)
+    if out is logits:
+        out = logits.clone()
+    out[ids] = out[ids] - (n * frequency + presence)
+    return out
+
+
+def top_logprobs(logits: torch.Tensor, token_id: int, n: int) -> tuple[float, list[tuple[int, float]]]:
+    """``(logprob of token_id, [(id, logprob)] of the n most likely tokens)``, most likely
+    first, from ``log_softmax`` of ``logits`` as given (the raw model logits, before any
+    penalty, filter or temperature: what OpenAI's ``logprobs`` report)."""
+    lp = torch.log_softmax(logits.detach().to(torch.float32).reshape(-1), dim=-1)
+    if not 0 <= token_id < lp.numel():
+        raise ValueError(f"token id {token_id} outside the logits (size {lp.numel()})")
+    top: list[tuple[int, float]] = []
+    if n > 0:
+        values, ids = torch.topk(lp, min(n, lp.numel()))
+        top = [(int(i), float(v)) for i, v in zip(ids.tolist(), values.tolist())]
+    return float(lp[token_id]), top
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -124,8 +172,9 @@ class Sampler:
         """logits: float (vocab,) for the next position."""
         p = self.params
         z = logits.detach().to(torch.float32).reshape(-1)
-        if p.repeat_penalty != 1.0 and p.repeat_last_n > 0:
-            z = apply_repetition_penalty(z, history[-p.repeat_last_n:], p.repeat_penalty)
+        if p.penalised:
+            z = apply_penalties(z, history[-p.repeat_last_n:], p.repeat_penalty,
+                                p.frequency_penalty, p.presence_penalty)
         if p.greedy:
             return int(torch.argmax(z))
         z = top_k_filter(z, p.top_k)
