@@ -84,7 +84,11 @@ def test_structural_mistakes(text, message):
 
 
 def test_presets_and_specs(tmp_path):
-    assert set(PRESETS) == {"all-cpu", "attention-on-gpu", "layers-on-gpu"}
+    assert set(PRESETS) == {"all-cpu", "attention-on-gpu", "layers-on-gpu", "experts-on-cpu"}
+    hybrid = load_placement_spec("experts-on-cpu")
+    assert hybrid.device_for("model.layers.5.mlp.experts") == Device("cpu")
+    for name in ("model.layers.5.mlp.gate", "model.layers.5.mlp.shared_expert.down_proj", "model.layers.0.self_attn.attn"):
+        assert hybrid.device_for(name) == Device("cuda")
     assert not load_placement_spec(None).uses_gpu
     assert not load_placement_spec("all-cpu").uses_gpu
     gpu = load_placement_spec("attention-on-gpu")

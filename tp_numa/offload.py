@@ -303,9 +303,10 @@ def _tensor_elements(info, split: str, layer_part, config) -> int:
     return info.n_rows * cols
 
 
-def gpu_weight_bytes(info, split: str, layer_part, config) -> int:
-    """Bytes of one rank's slice of a decoder-layer tensor on a GPU: fp16 matrices, float32 vectors."""
-    per = _GPU_MATRIX_BYTES if len(info.shape) > 1 else _GPU_VECTOR_BYTES
+def gpu_weight_bytes(info, split: str, layer_part, config, float32: bool = False) -> int:
+    """Bytes of one rank's slice of a decoder-layer tensor on a GPU: fp16 matrices, float32
+    vectors; ``float32``: a matrix kept in float32 (a MoE router, layers/device_layer.py)."""
+    per = _GPU_MATRIX_BYTES if len(info.shape) > 1 and not float32 else _GPU_VECTOR_BYTES
     return per * _tensor_elements(info, split, layer_part, config)
 
 
@@ -400,14 +401,15 @@ def resolve_plan(config, placement: Placement, tp_size: int, *, tensors: dict,
             nbytes = [kv_cache_bytes(config, mod.layer, _kv_heads_cached(config, p.layers[mod.layer].heads),
                                      max_seq_len, kv_type, device.is_gpu) for p in parts]
         elif device.is_gpu and mod.layer is not None:
-            nbytes = [sum(gpu_weight_bytes(tensors[t], split, p.layers[mod.layer], config)
+            nbytes = [sum(gpu_weight_bytes(tensors[t], split, p.layers[mod.layer], config,
+                                           float32=mod.name.endswith(ROUTER))
                           for t, split in mod.tensors) for p in parts]
         else:
             nbytes = [sum(_tensor_bytes(tensors[t], split, None if mod.layer is None else p.layers[mod.layer],
                                         p.vocab, config) for t, split in mod.tensors) for p in parts]
         note = "KV cache" if mod.kind == "attention" else ""
         if device.is_gpu and mod.kind == "weights" and any(len(tensors[t].shape) > 1 for t, _ in mod.tensors):
-            note = "fp16"
+            note = "float32" if mod.name.endswith(ROUTER) else "fp16"
         if any(split == "tied" for _, split in mod.tensors):
             note = "tied to model.embed_tokens"
         entries.append(PlanEntry(mod.name, mod.kind, mod.layer, devices, nbytes, rule,
@@ -481,6 +483,8 @@ def format_plan(plan: Plan) -> str:
 
 # ---------------------------------------------------------------- what may be on a GPU
 
+ROUTED_EXPERTS = ".mlp.experts"     # a MoE layer's routed experts (layers/moe.py FusedExperts)
+ROUTER = ".mlp.gate"                # a MoE layer's router (float32 on a GPU)
 _CPU_ONLY = "the token embedding, the RoPE factors, the final norm and the LM head stay on the CPU ranks"
 
 
@@ -501,6 +505,12 @@ def check_gpu_modules(source: str, entries: list[PlanEntry], tp_size: int) -> No
                     "only decoder layers and attention cores can move (anchor the pattern, e.g. "
                     "'^model\\.layers\\.')")
             continue
+        if e.module.endswith(ROUTED_EXPERTS) and any(d != "cpu" for d in e.devices):
+            gpu = next(d for d in e.devices if d != "cpu")
+            raise PlacementError(
+                f"{source}: {e.rule.describe()} places the routed experts '{e.module}' on {gpu}, but routed "
+                "experts run on the CPU ranks only; put a rule '\\.mlp\\.experts$' -> \"cpu\" before the "
+                "layer rule (the preset experts-on-cpu does)")
         by_layer.setdefault(e.layer, []).append(e)
     for layer, mods in sorted(by_layer.items()):
         for r in range(tp_size):
@@ -508,7 +518,8 @@ def check_gpu_modules(source: str, entries: list[PlanEntry], tp_size: int) -> No
             if not on_gpu:
                 continue
             first = on_gpu[0]
-            elsewhere = [e for e in mods if e.devices[r] != first.devices[r]]
+            # a GPU layer's routed experts stay on the CPU (DeviceMoE)
+            elsewhere = [e for e in mods if e.devices[r] != first.devices[r] and not e.module.endswith(ROUTED_EXPERTS)]
             if elsewhere:
                 other = elsewhere[0]
                 rank = f" (rank {r})" if tp_size > 1 else ""
@@ -570,9 +581,10 @@ def _model_entries(model, placement: Placement, local_rank: int, gpus: int) -> l
     from .layers.attention import Attention
     from .layers.embedding import ParallelLMHead, VocabParallelEmbedding
     from .layers.linear import LinearBase
+    from .layers.moe import FusedExperts
     from .layers.norm import RMSNorm
 
-    kinds = (Attention, LinearBase, RMSNorm, VocabParallelEmbedding, ParallelLMHead)
+    kinds = (Attention, LinearBase, RMSNorm, VocabParallelEmbedding, ParallelLMHead, FusedExperts)
     out = []
     for name, module in model.named_modules():
         if not isinstance(module, kinds):

@@ -53,6 +53,20 @@ device = "cuda"
 pattern = '^model\\.layers\\.\\d+\\.'
 device = "cuda"
 """,
+    "experts-on-cpu": """\
+# Every decoder layer on the GPU except the routed experts of MoE layers (llama.cpp's
+# -ngl 99 -ot exps=CPU, --cpu-moe): attention and its KV cache, norms, the router, the
+# shared expert and dense FFNs dequantized once to fp16 on the GPU (router float32); the
+# routed experts stay quantized on the CPU ranks, each rank a slice of every expert. The
+# token embedding, the final norm and the LM head stay on the CPU ranks.
+[[rule]]
+pattern = '\\.mlp\\.experts$'
+device = "cpu"
+
+[[rule]]
+pattern = '^model\\.layers\\.\\d+\\.'
+device = "cuda"
+""",
 }
 
 _DEVICE_RE = re.compile(r"^(cpu|cuda)(?::(\d+))?$")

@@ -61,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", default="md", choices=("md", "json"), help="output format")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up run")
     p.add_argument("--offload", default=None, metavar="FILE|PRESET",
-                   help="placement config (TOML) or preset: all-cpu, attention-on-gpu, layers-on-gpu")
+                   help="placement config (TOML) or preset: all-cpu, attention-on-gpu, layers-on-gpu, experts-on-cpu")
     options.add_arguments(p)
     p.add_argument("--seed", type=int, default=1234, help="seed of the random prompt tokens")
     p.add_argument("--sweep", action="store_true",

@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-type", default="f16", choices=tuple(KV_CACHE_BYTES),
                    help="KV cache element type (default: %(default)s)")
     g.add_argument("--offload", default=None, metavar="FILE|PRESET",
-                   help="placement config (TOML) or preset: all-cpu, attention-on-gpu, layers-on-gpu")
+                   help="placement config (TOML) or preset: all-cpu, attention-on-gpu, layers-on-gpu, experts-on-cpu")
     options.add_arguments(p)
 
     g = p.add_argument_group("prompt")

@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-m", "--model", required=True,
                         help="GGUF file or short model name (e.g. qwen2.5-coder-0.5b, gemma3-270m)")
     parser.add_argument("--offload", default="all-cpu", metavar="FILE|PRESET",
-                        help="placement config (TOML) or preset: all-cpu (default), attention-on-gpu, layers-on-gpu")
+                        help="placement config (TOML) or preset: all-cpu (default), attention-on-gpu, layers-on-gpu, experts-on-cpu")
     parser.add_argument("--tp", type=int, default=None,
                         help="number of tensor-parallel ranks to plan for (default: the MPI world size, 1 without mpirun)")
     parser.add_argument("-c", "--ctx-size", type=int, default=None,

@@ -12,6 +12,8 @@ the same computation on ``device``:
   their precision is not);
 - the attention core becomes a ``DeviceAttention`` on the device: q/k/v are produced
   there, so they are not copied through the host;
+- a MoE FFN becomes a ``DeviceMoE``: router and shared expert on the device, the routed
+  experts kept on this rank's CPU node as loaded (quantized), one all-reduce per layer;
 - the forward is plain torch (no fused CPU op), with the model's maths:
       llama:  h = x + attn(n1(x));              out = h + mlp(n2(h))
       gemma3: h = x + n2(attn(n1(x)));           out = h + n4(mlp(n3(h)))
@@ -44,6 +46,7 @@ from torch import nn
 from ..errors import TpNumaError, UnsupportedError
 from .device_attention import DeviceAttention
 from .linear import LinearBase, QKVParallelLinear, RowParallelLinear
+from .moe import MoE
 from .norm import RMSNorm
 from .quant import method_of
 
@@ -51,16 +54,16 @@ from .quant import method_of
 _DEQUANT_ROWS = 1024
 
 
-def dequantized_fp16(layer: LinearBase, device: torch.device) -> torch.Tensor:
-    """This rank's weight slice of ``layer`` as fp16 ``[output_size, input_size]`` on ``device``.
+def dequantized(layer: LinearBase, device: torch.device, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """This rank's weight slice of ``layer`` as ``dtype`` ``[output_size, input_size]`` on ``device``.
 
     ``LinearBase`` keeps its slice as runs of raw GGUF rows (uint8 ``[n, row_bytes]``, one
     GGML type per run, in output order); each run is dequantized (``ops.dequantize``, bitwise
-    ``gguf.quants.dequantize``) and rounded to fp16 (round to nearest even).
+    ``gguf.quants.dequantize``) and rounded to ``dtype`` (fp16: round to nearest even).
     """
     from .. import ops
 
-    out = torch.empty((layer.output_size, layer.input_size), dtype=torch.float16, device=device)
+    out = torch.empty((layer.output_size, layer.input_size), dtype=dtype, device=device)
     row = 0
     for name in layer._runs:
         rows = method_of(layer, name).raw_rows(layer, name)       # x4-packed weights are unpacked
@@ -70,7 +73,7 @@ def dequantized_fp16(layer: LinearBase, device: torch.device) -> torch.Tensor:
             dense = ops.dequantize(chunk, qtype)                           # (n, K) float32
             if dense.shape[1] != layer.input_size:
                 raise TpNumaError(f"dequantized rows have {dense.shape[1]} columns, layer expects {layer.input_size}")
-            out[row:row + dense.shape[0]] = dense.to(device=device, dtype=torch.float16)
+            out[row:row + dense.shape[0]] = dense.to(device=device, dtype=dtype)
             row += dense.shape[0]
     if row != layer.output_size:
         raise TpNumaError(f"dequantized {row} rows, layer expects {layer.output_size}")
@@ -96,10 +99,12 @@ class DeviceLinear(nn.Module):
         self._host: torch.Tensor | None = None       # pinned staging buffer of the all-reduce
 
     @classmethod
-    def from_linear(cls, layer: LinearBase, device: torch.device) -> "DeviceLinear":
+    def from_linear(cls, layer: LinearBase, device: torch.device, dtype: torch.dtype = torch.float16) -> "DeviceLinear":
+        """``dtype``: of the stored weight; float32 for the small matrices whose rounding
+        matters (a MoE router: a flipped expert choice is a different computation)."""
         bias = None if layer.bias is None else layer.bias.to(device=device, dtype=torch.float32)
         reduce = isinstance(layer, RowParallelLinear) and layer.reduce_results and layer.tp_size > 1
-        return cls(dequantized_fp16(layer, device), bias, reduce)
+        return cls(dequantized(layer, device, dtype), bias, reduce)
 
     def extra_repr(self) -> str:
         n, k = self.weight.shape
@@ -108,10 +113,10 @@ class DeviceLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, K_r] float32 on the device -> y [T, N] float32 on the device."""
-        if self.gemm_dtype == torch.float16:
+        if self.gemm_dtype == torch.float16 and self.weight.dtype == torch.float16:
             y = F.linear(x.to(torch.float16), self.weight).float()   # fp16 GEMM, fp32 accumulate
         else:
-            y = F.linear(x, self.weight.float())                        # fp32 over the fp16 values
+            y = F.linear(x, self.weight.float())                        # fp32 over the stored values
         if self.reduce:
             y = self._all_reduce(y)
         if self.bias is not None:
@@ -184,17 +189,78 @@ class DeviceSelfAttention(nn.Module):
 class DeviceMLP(nn.Module):
     """``down(act(gate) * up)`` on this rank's features."""
 
-    def __init__(self, mlp, device: torch.device):
+    def __init__(self, mlp, device: torch.device, reduce: bool = True):
+        """``reduce=False``: leave down's output a partial sum at tp > 1 (a MoE's shared
+        expert, summed in the layer's one all-reduce)."""
         super().__init__()
         self.local_sizes = list(mlp.gate_up_proj.local_sizes)
         self.act = mlp.act
         self.gate_up_proj = DeviceLinear.from_linear(mlp.gate_up_proj, device)
         self.down_proj = DeviceLinear.from_linear(mlp.down_proj, device)
+        self.down_proj.reduce = self.down_proj.reduce and reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = torch.split(self.gate_up_proj(x), self.local_sizes, dim=1)   # (T, f_r) each
         act = F.gelu(gate, approximate="tanh") if self.act == "gelu_tanh" else F.silu(gate)
         return self.down_proj(act * up)
+
+
+class DeviceMoE(nn.Module):
+    """A MoE FFN whose dense part is on ``device`` and whose routed experts stay on this
+    rank's CPU node, quantized (llama.cpp's ``-ot exps=CPU``; the ``experts-on-cpu`` preset).
+
+    x [T, d] float32 on the device:
+      1. logits = router(x)                     device, float32 weights (routing is sensitive)
+      2. x, logits -> host (one copy each, pinned staging buffers on CUDA)
+      3. ids, w = route(logits)                 host, ``moe_route`` (identical on every rank)
+      4. shared expert s = down(act(gate) * up)(x) * sigmoid(g . x) is launched on the device
+         and runs while the host computes
+      5. y = experts(x, ids, w)                 host, this rank's slice of every expert, float64
+      6. y += s (copied to the host), one all-reduce of y over the ranks, y -> device float32
+    One all-reduce per layer, as on the CPU path (``layers/moe.py`` MoE): the shared
+    expert's down projection is a partial sum at tp > 1 and rides in the same reduce.
+    """
+
+    def __init__(self, moe, device: torch.device):
+        super().__init__()
+        self.device = device
+        self.tp_size = moe.tp_size
+        self.router = DeviceLinear.from_linear(moe.gate, device, dtype=torch.float32)
+        self.shared_expert = None if moe.shared_expert is None else DeviceMLP(moe.shared_expert, device, reduce=False)
+        self.shared_expert_gate = None if moe.shared_expert_gate is None else DeviceLinear.from_linear(
+            moe.shared_expert_gate, device, dtype=torch.float32)
+        moe.keep_routed_only()
+        self.routed = moe                                   # experts + routing, CPU
+        self._staging: dict[str, torch.Tensor] = {}
+
+    def _to_host(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        if t.device.type == "cpu":
+            return t.contiguous()
+        buf = self._staging.get(name)
+        if buf is None or buf.numel() < t.numel():
+            buf = self._staging[name] = torch.empty(t.numel(), dtype=t.dtype, pin_memory=True)
+        host = buf[:t.numel()].view(t.shape)
+        host.copy_(t)                   # blocking: waits for the kernels that made t
+        return host
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, d] float32 on the device -> [T, d] float32 on the device, summed over ranks."""
+        logits = self.router(x)                                                  # (T, E)
+        xh, lh = self._to_host("x", x), self._to_host("logits", logits)
+        s = None
+        if self.shared_expert is not None:                                       # queued on the device
+            s = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                s = s * torch.sigmoid(self.shared_expert_gate(x))
+        ids, w = self.routed.route_logits(lh)
+        y = self.routed.experts(xh, ids, w)                                      # (T, d) float64, host
+        if s is not None:
+            y += self._to_host("shared", s)
+        if self.tp_size > 1:
+            from ..distributed import communicator
+
+            communicator.all_reduce(y)
+        return y.float().to(self.device)
 
 
 class DeviceTables:
@@ -243,7 +309,7 @@ class DeviceDecoderLayer(nn.Module):
             if hasattr(layer, name):
                 setattr(self, name, DeviceRMSNorm.from_norm(getattr(layer, name), device))
         self.self_attn = DeviceSelfAttention(layer.self_attn, device)
-        self.mlp = DeviceMLP(layer.mlp, device)
+        self.mlp = DeviceMoE(layer.mlp, device) if isinstance(layer.mlp, MoE) else DeviceMLP(layer.mlp, device)
         self.layer_idx = layer.self_attn.layer_idx
         self.tables = tables if tables is not None else DeviceTables()
 

@@ -147,8 +147,12 @@ class MoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, d] -> expert ids int64 [T, k], weights float32 [T, k] (identical on every rank)."""
+        return self.route_logits(self.gate(x))
+
+    def route_logits(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router logits [T, E] float32 (CPU) -> ids int64 [T, k], weights float32 [T, k]:
+        the gating, top-k and renormalisation of ``cfg`` (``moe_route``)."""
         c = self.cfg
-        logits = self.gate(x)                                                  # (T, E)
         ids, w = moe_ops.moe_route(logits, None, c.n_expert_used, c.gating, c.norm_weights, c.weights_scale,
                                    c.n_groups, c.groups_used)
         if self.count_experts:
@@ -165,6 +169,13 @@ class MoE(nn.Module):
                 s = s * torch.sigmoid(self.shared_expert_gate(x)).double()     # (T, 1) gate per token
             y += s
         return y
+
+    def keep_routed_only(self) -> None:
+        """Drop the router, shared expert and its gate (``DeviceMoE`` holds them on a device
+        now): what stays is the routed experts' slices, ``route_logits`` and the counters."""
+        self.gate = None
+        self.shared_expert = None
+        self.shared_expert_gate = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, d] float32 -> [T, d] float32 summed over ranks (one all-reduce)."""
