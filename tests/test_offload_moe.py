@@ -123,3 +123,19 @@ def test_planned_bytes_equal_the_hybrid_layer_buffers(tmp_path, tp):
             entries = [e for e in plan.entries if e.layer == i]
             assert sum(e.nbytes[r] for e in entries if e.devices[r] != "cpu") == held + kv
             assert sum(e.nbytes[r] for e in entries if e.devices[r] == "cpu") == routed
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_experts_on_cpu_on_cuda(tmp_path):
+    """On a GPU: fp16 GEMMs for the dense part (activations rounded to fp16), routed
+    experts on the CPU; a looser bound than the float32 stand-in."""
+    path = _model_file(tmp_path, "qwen2moe")
+    model, cfg = load_model(path, ParallelState())
+    want = run(model, TOKENS, "f16", CHUNKS)
+    model, cfg = load_model(path, ParallelState())
+    offload.offload_layers(model, {i: "cuda:0" for i in range(cfg.n_layers)})
+    got = run(model, TOKENS, "f16", CHUNKS)
+    layer = model.model.layers[0]
+    assert layer.mlp.router.weight.device.type == "cuda" and layer.mlp.routed.experts.gate.device.type == "cpu"
+    assert rel_err(got, want) < 1e-2
